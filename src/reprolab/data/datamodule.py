@@ -1,0 +1,153 @@
+"""Few-shot image classification data module: k-shot train, val, and named test sets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from reprolab.data.fewshot import sample_fewshot
+from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
+from reprolab.models.clip import Preprocess
+
+log = logging.getLogger(__name__)
+
+_INTERP = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def build_transforms(pre: Preprocess, train: bool, augment: bool) -> T.Compose:
+    """CLIP/CoOp transforms: train RandomResizedCrop(0.08-1)+flip, test resize+centre crop."""
+    interp = _INTERP[pre.interpolation]
+    norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    if train and augment:
+        geo = [T.RandomResizedCrop(pre.image_size, scale=(0.08, 1.0), interpolation=interp),
+               T.RandomHorizontalFlip()]
+    elif train:
+        geo = [T.Resize((pre.image_size, pre.image_size), interpolation=interp)]
+    else:
+        geo = [T.Resize(pre.image_size, interpolation=interp), T.CenterCrop(pre.image_size)]
+    return T.Compose([*geo, *norm])
+
+
+class _Transformed(Dataset):
+    def __init__(self, split: ImageSplit, transform: T.Compose) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.split[i])
+        item["image"] = self.transform(item["image"].convert("RGB"))
+        item["index"] = i
+        return item
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Train (k-shot) / val / test sets of one dataset spec, with the backbone's transforms.
+
+    The spec is checked at construction so a missing dataset fails before any model is built.
+    Call `set_preprocess(backbone.preprocess)` before the loaders are used.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dataset: str,
+        root: str | None = None,
+        dataset_kwargs: dict | None = None,
+        num_shots: int | None = 16,
+        fewshot_seed: int = 1,
+        train_augment: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        val: bool = True,
+        test_sets: list[str] | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.root = Path(root) if root else Path("data")
+        self.spec: DatasetSpec = get_spec(dataset, **dict(dataset_kwargs or {}))
+        self.spec.check(self.root)
+        self.num_shots = num_shots
+        self.fewshot_seed = fewshot_seed
+        self.train_augment = train_augment
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.use_val = val
+        self.drop_last = drop_last
+        self.test_sets = list(test_sets or self.spec.test_sets)
+        unknown = set(self.test_sets) - set(self.spec.test_sets)
+        if unknown:
+            raise ValueError(
+                f"{name}: unknown test sets {sorted(unknown)}; available: {self.spec.test_sets}"
+            )
+        self.preprocess: Preprocess | None = None
+        self._splits: dict[str, Dataset] = {}
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.spec.classnames
+
+    @property
+    def templates(self) -> list[str]:
+        return self.spec.templates
+
+    @property
+    def num_groups(self) -> int | None:
+        return self.spec.num_groups
+
+    def set_preprocess(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+        self._splits.clear()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocess is None:
+            raise RuntimeError("Call set_preprocess(backbone.preprocess) before using the loaders.")
+        if self._splits:
+            return
+        train = self.spec.load(self.root, "train")
+        idx = sample_fewshot(train.labels, self.num_shots, self.fewshot_seed)
+        self._splits["train"] = _Transformed(
+            train.subset(idx), build_transforms(self.preprocess, True, self.train_augment)
+        )
+        test_tf = build_transforms(self.preprocess, False, False)
+        if self.use_val:
+            self._splits["val"] = _Transformed(self.spec.load(self.root, "val"), test_tf)
+        for name in self.test_sets:
+            self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
+        sizes = {k: len(v) for k, v in self._splits.items()}
+        log.info("%s: %d classes, %s-shot, split sizes %s", self.name, len(self.classnames),
+                 self.num_shots, sizes)
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last and len(ds) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.fewshot_seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._splits["train"], True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self._splits["val"], False) if self.use_val else []
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self._splits[f"test:{n}"], False) for n in self.test_sets]

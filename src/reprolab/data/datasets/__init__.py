@@ -1,0 +1,1 @@
+"""Dataset specs, one module per dataset family; importing registers them."""

@@ -1,0 +1,132 @@
+"""Dataset specs: where a dataset comes from, its class names, templates and splits.
+
+A spec is the single description of one dataset. `ClassificationDataModule` asks it for splits;
+`scripts/prepare_data.py` asks it to materialise the data under `paths.data_dir`. Loading never
+touches the network: `load` reads local files only and `check` fails fast, naming the command that
+prepares the data.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is missing or incomplete under the data root."""
+
+
+class ImageSplit(torch.utils.data.Dataset):
+    """One split of an image classification dataset.
+
+    Items are dicts `{"image": PIL.Image (RGB), "label": int}` plus `"group": int` where the data has
+    groups. `labels` is available without decoding any image (the few-shot sampler needs it).
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[int], Image.Image],
+        labels: Sequence[int],
+        groups: Sequence[int] | None = None,
+    ) -> None:
+        self._loader = loader
+        self.labels = [int(y) for y in labels]
+        self.groups = None if groups is None else [int(g) for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"image": self._loader(i), "label": self.labels[i]}
+        if self.groups is not None:
+            item["group"] = self.groups[i]
+        return item
+
+    def subset(self, indices: Sequence[int]) -> ImageSplit:
+        idx = list(indices)
+        groups = None if self.groups is None else [self.groups[i] for i in idx]
+        return ImageSplit(lambda j: self._loader(idx[j]), [self.labels[i] for i in idx], groups)
+
+
+@dataclass
+class DatasetSpec:
+    """Everything the framework knows about one dataset.
+
+    Subclasses implement `load` (and `check`, `prepare` for real data). `test_sets` names the
+    evaluation splits; the first one is the primary test set (`test/acc`).
+    """
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    test_sets: list[str] = field(default_factory=lambda: ["test"])
+    source: str = ""  # human-readable origin (HF id + revision, URL, "synthetic")
+    num_groups: int | None = None  # group-robustness data emits "group"
+
+    def check(self, root: Path) -> None:
+        """Raise DataNotFoundError (with the command that fixes it) if the data is not ready."""
+
+    def load(self, root: Path, split: str) -> ImageSplit:
+        raise NotImplementedError
+
+    def prepare(self, root: Path) -> None:
+        """Download / build the data under `root` (network allowed here only)."""
+        raise NotImplementedError(f"{self.name}: no automatic preparation")
+
+    def missing(self, root: Path, expected: str) -> DataNotFoundError:
+        return DataNotFoundError(
+            f"{self.name} not found under {root} (expected {expected}). Set DATA_ROOT or run "
+            f"`python scripts/prepare_data.py {self.name}`."
+        )
+
+
+_REGISTRY: dict[str, Callable[..., DatasetSpec]] = {}
+
+
+def register(name: str) -> Callable:
+    """Register a spec factory under `name` (a class or a function returning a DatasetSpec)."""
+
+    def deco(factory: Callable[..., DatasetSpec]) -> Callable[..., DatasetSpec]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str, **kwargs: Any) -> DatasetSpec:
+    """Build the spec registered as `name`; unknown names list the choices and a close match."""
+    _import_all()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise KeyError(f"Unknown dataset '{name}'; available: {', '.join(sorted(_REGISTRY))}{hint}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _import_all() -> None:
+    # Importing the modules runs their @register decorators.
+    import importlib
+    import pkgutil
+
+    from reprolab.data import datasets
+
+    for mod in pkgutil.iter_modules(datasets.__path__):
+        importlib.import_module(f"reprolab.data.datasets.{mod.name}")
+
+
+def read_lines(asset: str) -> list[str]:
+    """Read a packaged text asset (`data/assets/<asset>`), one entry per non-empty line."""
+    text = resources.files("reprolab.data").joinpath("assets", asset).read_text(encoding="utf-8")
+    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]

@@ -1,0 +1,169 @@
+"""Base LightningModule for image classification methods; it owns evaluation.
+
+Every test set of the data module is logged as `test/<set>/acc` (top-1, percent) and
+`test/<set>/ece` (fraction, equal-width bins); group data adds `test/<set>/worst_group_acc`.
+The first test set is also logged as `test/acc` and `test/ece` (what tables read by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+log = logging.getLogger(__name__)
+
+OptimFactory = Callable[..., torch.optim.Optimizer]
+SchedFactory = Callable[..., Any]
+
+
+class GroupAccuracy(Metric):
+    """Accuracy per group (DDP-safe sums); `compute` returns the worst group's accuracy."""
+
+    def __init__(self, num_groups: int) -> None:
+        super().__init__()
+        self.add_state("correct", torch.zeros(num_groups), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(num_groups), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, labels: Tensor, groups: Tensor) -> None:
+        n = self.total.numel()
+        self.correct += torch.bincount(groups, weights=(preds == labels).float(), minlength=n)
+        self.total += torch.bincount(groups, minlength=n).float()
+
+    def compute(self) -> Tensor:
+        seen = self.total > 0
+        return (self.correct[seen] / self.total[seen]).min()
+
+
+class ClassificationMethod(L.LightningModule):
+    """A method that classifies images into `classnames` with a (frozen) backbone it does not own.
+
+    Subclasses implement `logits(images) -> (B, C)`; trainable methods add `training_step` and
+    either pass an `optimizer` factory or override `configure_optimizers`.
+
+    Args:
+        name: method config name.
+        backbone: frozen backbone (`CLIPBackbone`); black-box methods wrap it in `BlackBox`.
+        classnames: class names in label order.
+        templates: prompt templates with `{}` for the class name.
+        test_sets: names of the data module's test sets, in dataloader order.
+        num_groups: number of groups when the data emits `group` (worst-group accuracy).
+        ece_bins: equal-width confidence bins for ECE.
+        optimizer: partial optimizer factory (`torch.optim.AdamW` with its kwargs).
+        scheduler: partial LR scheduler factory.
+        post_hoc: nothing to train (`train=false` runs test only); read by `validate_config`.
+    """
+
+    train_backbone: bool = False
+
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Module,
+        classnames: list[str],
+        templates: list[str],
+        test_sets: list[str] | None = None,
+        num_groups: int | None = None,
+        ece_bins: int = 15,
+        optimizer: OptimFactory | None = None,
+        scheduler: SchedFactory | None = None,
+        post_hoc: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.name = name
+        self.backbone = backbone.requires_grad_(self.train_backbone)
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+        self.test_sets = list(test_sets or ["test"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        c = len(self.classnames)
+
+        def collection() -> MetricCollection:
+            metrics: dict[str, Metric] = {
+                "acc": MulticlassAccuracy(c, average="micro"),
+                "ece": MulticlassCalibrationError(c, n_bins=ece_bins, norm="l1"),
+            }
+            if num_groups:
+                metrics["worst_group_acc"] = GroupAccuracy(num_groups)
+            return MetricCollection(metrics)
+
+        self.val_metrics = collection()
+        self.test_metrics = nn.ModuleList(collection() for _ in self.test_sets)
+
+    def train(self, mode: bool = True) -> ClassificationMethod:
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()  # keep pretrained norm/dropout behaviour
+        return self
+
+    def logits(self, images: Tensor) -> Tensor:  # (B, C)
+        raise NotImplementedError
+
+    def eval_logits(self, images: Tensor) -> Tensor:
+        """Logits used for evaluation (methods with train/eval differences override this)."""
+        return self.logits(images)
+
+    @torch.no_grad()
+    def _update(self, metrics: MetricCollection, batch: dict[str, Tensor]) -> None:
+        logits = self.eval_logits(batch["image"]).float()
+        labels = batch["label"]
+        for key, metric in metrics.items():
+            if key == "worst_group_acc":
+                metric.update(logits.argmax(-1), labels, batch["group"])
+            elif key == "ece":
+                metric.update(logits.softmax(-1), labels)
+            else:
+                metric.update(logits, labels)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._update(self.val_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(_to_log(self.val_metrics.compute(), "val"), sync_dist=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(self.test_metrics[dataloader_idx], batch)
+
+    def on_test_epoch_end(self) -> None:
+        out: dict[str, float] = {}
+        for i, (name, metrics) in enumerate(zip(self.test_sets, self.test_metrics)):
+            values = _to_log(metrics.compute(), f"test/{name}")
+            out.update(values)
+            if i == 0:
+                out.update({k.replace(f"test/{name}/", "test/"): v for k, v in values.items()})
+            metrics.reset()
+        self.log_dict(out, add_dataloader_idx=False)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"{type(self).__name__}: nothing to train; set train=false.")
+        if self.optimizer_factory is None:
+            raise RuntimeError(f"{type(self).__name__}: no optimizer configured (method.optimizer).")
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        log.info("%s: %d trainable / %d frozen parameters", self.name, trainable, frozen)
+
+
+def _to_log(values: dict[str, Tensor], prefix: str) -> dict[str, float]:
+    out = {}
+    for k, v in values.items():
+        v = float(v)
+        out[f"{prefix}/{k}"] = 100.0 * v if k.endswith("acc") else v
+    return out

@@ -1,0 +1,24 @@
+"""Zero-shot CLIP (Radford et al., ICML 2021): classify by cosine similarity to class prompts.
+
+The ZS rows of every table. Post-hoc: `train: false`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from reprolab.methods.base import ClassificationMethod
+
+
+class ZeroShot(ClassificationMethod):
+    """Logits = logit_scale · cos(image embedding, zero-shot text head)."""
+
+    def setup(self, stage: str) -> None:
+        self.register_buffer(
+            "head",
+            self.backbone.zeroshot_weights(self.classnames, self.templates).to(self.device),
+            persistent=False,
+        )
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.backbone.logits(images, self.head.to(images.device))  # (B, C)

@@ -1,0 +1,65 @@
+"""Composing and validating configs outside Hydra's runtime (tests, scripts)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+METRIC_PATTERN = re.compile(
+    r"^(test/(acc|ece|worst_group_acc)|test/[A-Za-z0-9_.\-]+/(acc|ece|worst_group_acc)"
+    r"|val/(acc|ece)|train/(queries|images|loss))$"
+)
+
+
+def choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def unknown_choice(group: str, name: str, config_dir: Path = CONFIG_DIR) -> str:
+    options = choices(group, config_dir)
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"Unknown {group} '{name}'; available: {', '.join(options)}{hint}"
+
+
+def compose_train(overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """Compose `configs/train.yaml` with overrides, as `python train.py <overrides>` would."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = list(overrides or [])
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    choices_ = cfg.hydra.runtime.choices
+    OmegaConf.set_struct(cfg, False)
+    cfg.experiment_name = choices_.get("experiment")
+    cfg.table_name = choices_.get("table")
+    del cfg["hydra"]
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that run before any model is built; errors say what to change."""
+    metric = cfg.paper.metric
+    if not METRIC_PATTERN.match(str(metric)):
+        raise ValueError(
+            f"paper.metric '{metric}' is not a key any method logs; use test/acc, test/ece, "
+            "test/<set>/acc, test/<set>/ece, test/worst_group_acc or train/queries."
+        )
+    post_hoc = bool(cfg.method.get("post_hoc", False))
+    if cfg.train is None:
+        cfg.train = not post_hoc
+    elif cfg.train and post_hoc:
+        raise ValueError(
+            f"method={cfg.method.name} is post-hoc (nothing to train); set train=false."
+        )
+    table = cfg.get("table_name") or (cfg.get("table") or {}).get("name")
+    if table:
+        from reprolab.tables.schema import validate_table
+
+        validate_table(table, CONFIG_DIR)
