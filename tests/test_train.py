@@ -16,8 +16,8 @@ from reprolab.utils.config import PROJECT_ROOT, compose_train
 class CrashAfterFirstEpoch(L.Callback):
     """Simulates a job killed after epoch 1 (its checkpoint already written)."""
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == 0:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
             raise RuntimeError("simulated preemption")
 
 

@@ -8,8 +8,8 @@ Registered in `configs/hydra/default.yaml`:
 
 `on_multirun_start` runs after the primary config is composed and before the sweeper expands
 `hydra.sweeper.params`, so a typo in a table (unknown experiment, sweep/table mismatch, bad metric)
-fails once, locally, instead of in every SLURM array task. Kept import-light: it is instantiated
-for every `python train.py` call.
+fails once, locally, instead of in every SLURM array task (each job still re-validates in
+`validate_config`). Kept import-light: it is instantiated for every `python train.py` call.
 """
 
 from __future__ import annotations
@@ -42,11 +42,20 @@ def table_name_of(config: DictConfig) -> str | None:
 
 
 class ValidateTable(Callback):  # type: ignore[misc]
-    """Raise `TableConfigError` before a table's multirun launches anything."""
+    """Stop a table's multirun before it launches anything when the table config is invalid.
+
+    Hydra turns an `Exception` raised in a callback into a warning and carries on, so the
+    `TableConfigError` is re-raised as `SystemExit` (exit status 1, message on stderr), which it
+    does not catch.
+    """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         name = table_name_of(config)
-        if name:
-            from reprolab.tables.schema import validate_table
+        if not name:
+            return
+        from reprolab.tables.schema import TableConfigError, validate_table
 
+        try:
             validate_table(name, config_dir_of(config))
+        except TableConfigError as exc:
+            raise SystemExit(f"{exc}\nNothing was launched.") from exc

@@ -1,0 +1,609 @@
+"""Finished runs -> paper tables: `results/<paper>/<id>.{md,csv,png}`.
+
+Runs come from `metrics.json` / `failed.json` files under a log root (`collect_files`) or from the
+W&B API (`collect_wandb`). They are matched to a validated `TableSpec` by cell identity
+(`paper.id`, `paper.table`, `paper.row`, `paper.col`) and seed; only the table's seeds count.
+Per cell: mean ± sample std (ddof=1; blank for one seed) of `table.metric`, the number of seeds,
+the paper's number (from the table config) and the difference. Nothing is hidden: missing
+cells/seeds, failed runs, mixed commits, dirty trees and ignored records get their own sections.
+
+Outputs are deterministic: sorted in the table's row/col order, fixed float formatting, no
+timestamps or absolute paths, so rebuilding from the same runs gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reprolab.tables.schema import TableSpec
+
+METRICS_FILE = "metrics.json"
+FAILED_FILE = "failed.json"
+#: Directories under a log root that never hold run records (skipped for speed).
+SKIP_DIRS = {"checkpoints", "wandb", "csv", "tensorboard", "__pycache__"}
+
+CSV_COLUMNS = (
+    "paper",
+    "table",
+    "row",
+    "col",
+    "experiment",
+    "metric",
+    "status",
+    "n_seeds",
+    "mean",
+    "std",
+    "reported",
+    "delta",
+    "seeds",
+    "missing_seeds",
+    "failed_seeds",
+    "dirty_seeds",
+    "commits",
+)
+SHORT_SHA = 7
+
+
+class WandbUnavailableError(RuntimeError):
+    """The W&B API cannot be reached (offline mode, no login, no network)."""
+
+
+@dataclass
+class RunRecord:
+    """One run's record, whatever its source. `status` is `finished` or `failed`."""
+
+    cell: str | None
+    seed: int | None
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] | None = None
+    sha: str | None = None
+    dirty: bool | None = None
+    error: str | None = None
+    finished_at: str | None = None
+    source: str = ""  # where it came from: path relative to the log root, or W&B run path
+
+    @property
+    def commit(self) -> str:
+        return self.sha[:SHORT_SHA] if self.sha else "unknown"
+
+
+@dataclass
+class CellResult:
+    row: str
+    col: str
+    cell: str
+    experiment: str | None
+    reported: float | None
+    values: dict[int, float] = field(default_factory=dict)  # seed -> metric
+    failed: dict[int, RunRecord] = field(default_factory=dict)  # seed -> failed record
+    missing: list[int] = field(default_factory=list)
+    records: dict[int, RunRecord] = field(default_factory=dict)  # seed -> finished record
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return (
+            statistics.fmean(self.values[s] for s in sorted(self.values)) if self.values else None
+        )
+
+    @property
+    def std(self) -> float | None:
+        vals = [self.values[s] for s in sorted(self.values)]
+        return statistics.stdev(vals) if len(vals) >= 2 else None
+
+    @property
+    def delta(self) -> float | None:
+        m = self.mean
+        return None if m is None or self.reported is None else m - self.reported
+
+    @property
+    def status(self) -> str:
+        if self.experiment is None:
+            return "no_experiment"
+        if self.values:
+            return "ok" if not self.missing and not self.failed else "partial"
+        return "failed" if self.failed else "missing"
+
+    @property
+    def commits(self) -> list[str]:
+        return sorted({r.commit for r in self.records.values()})
+
+    @property
+    def dirty_seeds(self) -> list[int]:
+        return sorted(s for s, r in self.records.items() if r.dirty)
+
+
+@dataclass
+class TableResult:
+    spec: TableSpec
+    cells: list[CellResult]  # rows × cols, in display order
+    ignored: list[tuple[RunRecord, str]]  # (record, why) for records of this table not counted
+    source: str  # "metrics.json files" or "W&B runs (entity/project)"
+
+    @property
+    def finished(self) -> list[RunRecord]:
+        return [r for c in self.cells for _, r in sorted(c.records.items())]
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable {path.name}: {type(exc).__name__}: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    return data, None
+
+
+def _seed_from_dir(name: str) -> int | None:
+    if name.startswith("seed") and name[4:].lstrip("-").isdigit():
+        return int(name[4:])
+    return None
+
+
+def _record_from_json(
+    data: dict[str, Any] | None, err: str | None, path: Path, rel: str
+) -> RunRecord:
+    """A RunRecord from a metrics.json/failed.json; falls back to the run dir for cell/seed."""
+    run_dir = path.parent
+    data = data or {}
+    git = data.get("git") if isinstance(data.get("git"), dict) else {}
+    seed = data.get("seed", _seed_from_dir(run_dir.name))
+    try:
+        seed = None if seed is None else int(seed)
+    except (TypeError, ValueError):
+        seed = None
+    failed = (
+        path.name == FAILED_FILE or err is not None or data.get("status", "finished") != "finished"
+    )
+    error = err
+    if failed and error is None:
+        error = data.get("error") or f"status={data.get('status')!r}"
+    return RunRecord(
+        cell=str(data.get("cell") or run_dir.parent.name),
+        seed=seed,
+        status="failed" if failed else "finished",
+        metrics=dict(data.get("metrics") or {}),
+        paper=data.get("paper") if isinstance(data.get("paper"), dict) else None,
+        sha=git.get("sha"),
+        dirty=git.get("dirty"),
+        error=None if error is None else str(error),
+        finished_at=data.get("finished_at") or data.get("failed_at"),
+        source=rel,
+    )
+
+
+def collect_files(root: str | Path) -> list[RunRecord]:
+    """Every `metrics.json` and `failed.json` under `root` (hidden dirs such as .submitit skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Log root {root} does not exist. Pass --from <dir with <cell>/seed<n>/metrics.json> "
+            "or set LOG_ROOT."
+        )
+    records: list[RunRecord] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
+        for fname in (METRICS_FILE, FAILED_FILE):
+            if fname in filenames:
+                path = Path(dirpath) / fname
+                data, err = _read_json(path)
+                records.append(
+                    _record_from_json(data, err, path, path.relative_to(root).as_posix())
+                )
+    return records
+
+
+def collect_wandb(
+    spec: TableSpec, entity: str | None = None, project: str | None = None
+) -> list[RunRecord]:
+    """Runs of `spec`'s paper table from the W&B API.
+
+    Server-side filter: runs tagged with the paper id or whose `config.paper.id` matches; then
+    filtered here on the run's `config.paper` block (id, table), or, for runs whose config lacks
+    it, on the W&B group (`${cell}`) and name (`${cell}.s${seed}`). Grouping is by cell, never by
+    tag. Metrics come from the run summary. Finished runs count; crashed/failed runs are reported
+    as failed.
+
+    Raises:
+        WandbUnavailableError: offline mode, missing login or no network.
+    """
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in {"offline", "disabled", "dryrun"}:
+        raise WandbUnavailableError(
+            f"WANDB_MODE={mode}: the W&B API needs network access and a login. Aggregate from "
+            "files instead (`--source files --from logs/`), or unset WANDB_MODE and "
+            "`wandb login` (runs logged offline need `wandb sync` first)."
+        )
+    try:
+        import wandb
+
+        api = wandb.Api(timeout=60)
+        entity = entity or os.environ.get("WANDB_ENTITY") or api.default_entity
+        project = project or os.environ.get("WANDB_PROJECT") or "reprolab"
+        filters = {
+            "$or": [{"config.paper.id": spec.paper}, {"tags": spec.paper}],
+            "state": {"$in": ["finished", "crashed", "failed"]},
+        }
+        runs = list(api.runs(f"{entity}/{project}", filters=filters, per_page=500))
+    except WandbUnavailableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - auth, network and API errors all mean "unavailable"
+        raise WandbUnavailableError(
+            f"W&B API unavailable ({type(exc).__name__}: {exc}). Check `wandb login`, network "
+            "access and --entity/--project, or aggregate from files with `--from logs/`."
+        ) from exc
+
+    records: list[RunRecord] = []
+    prefix = f"{spec.paper}.{spec.id}."
+    for run in runs:
+        config = dict(run.config or {})
+        paper = config.get("paper") if isinstance(config.get("paper"), dict) else None
+        # The W&B logger sets group=${cell} and name=${cell}.s${seed}: identity even without config.
+        cell = config.get("cell") or getattr(run, "group", None)
+        if paper is not None:
+            if paper.get("id") != spec.paper or str(paper.get("table")) != spec.id:
+                continue
+            cell = cell or f"{paper['id']}.{paper['table']}.{paper.get('row')}.{paper.get('col')}"
+        elif not str(cell or "").startswith(prefix):
+            continue
+        seed = config.get("seed")
+        if seed is None:
+            m = re.fullmatch(r".*\.s(-?\d+)", str(getattr(run, "name", "") or ""))
+            seed = m.group(1) if m else None
+        summary = {k: v for k, v in dict(run.summary or {}).items() if not k.startswith("_")}
+        git = config.get("git") if isinstance(config.get("git"), dict) else {}
+        sha = git.get("sha") or getattr(run, "commit", None)
+        if not sha:
+            sha = ((getattr(run, "metadata", None) or {}).get("git") or {}).get("commit")
+        finished = run.state == "finished"
+        records.append(
+            RunRecord(
+                cell=str(cell),
+                seed=None if seed is None else int(seed),
+                status="finished" if finished else "failed",
+                metrics=summary,
+                paper=paper,
+                sha=sha,
+                dirty=git.get("dirty"),
+                error=None if finished else f"W&B state={run.state}",
+                finished_at=str(getattr(run, "heartbeat_at", "") or "") or None,
+                source="/".join(run.path),
+            )
+        )
+    return records
+
+
+def _matches_table(rec: RunRecord, spec: TableSpec) -> bool:
+    if rec.paper is not None:
+        return rec.paper.get("id") == spec.paper and str(rec.paper.get("table")) == spec.id
+    return bool(rec.cell) and rec.cell.startswith(f"{spec.paper}.{spec.id}.")
+
+
+def _cell_key(rec: RunRecord, spec: TableSpec, by_cell_id: dict[str, tuple[str, str]]):
+    if rec.paper is not None and rec.paper.get("row") is not None:
+        return (str(rec.paper.get("row")), str(rec.paper.get("col")))
+    return by_cell_id.get(rec.cell or "")
+
+
+def _metric_value(rec: RunRecord, metric: str) -> tuple[float | None, str | None]:
+    if metric not in rec.metrics:
+        have = ", ".join(sorted(rec.metrics)) or "none"
+        return None, f"metric {metric!r} not in the record (has: {have})"
+    value = rec.metrics[metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, f"metric {metric!r} is {value!r}, not a finite number"
+    return float(value), None
+
+
+def _preference(rec: RunRecord) -> tuple[bool, str]:
+    # Finished beats failed, then the latest record; on a tie the first path in sorted order stays.
+    return (rec.status == "finished", rec.finished_at or "")
+
+
+def aggregate(
+    spec: TableSpec, records: list[RunRecord], source: str = "metrics.json files"
+) -> TableResult:
+    """Match records to `spec`'s cells and seeds; one CellResult per (row, col)."""
+    by_cell_id = {spec.cell_id(r, c): (r, c) for r in spec.rows for c in spec.cols}
+    cells = {
+        (r, c): CellResult(
+            row=r,
+            col=c,
+            cell=spec.cell_id(r, c),
+            experiment=spec.cells.get((r, c)),
+            reported=spec.reported.get((r, c)),
+        )
+        for r in spec.rows
+        for c in spec.cols
+    }
+    ignored: list[tuple[RunRecord, str]] = []
+    chosen: dict[tuple[tuple[str, str], int], RunRecord] = {}
+    for rec in sorted(records, key=lambda x: x.source):
+        if not _matches_table(rec, spec):
+            continue
+        key = _cell_key(rec, spec, by_cell_id)
+        if key is None or key not in spec.cells:
+            ignored.append((rec, "not a cell of this table (no experiment for it in the table)"))
+            continue
+        if rec.seed is None or rec.seed not in spec.seeds:
+            ignored.append((rec, f"seed {rec.seed} is not in table.seeds {spec.seeds}"))
+            continue
+        if rec.status == "finished":
+            _, err = _metric_value(rec, spec.metric)
+            if err is not None:
+                rec = RunRecord(**{**rec.__dict__, "status": "failed", "error": err})
+        slot = (key, rec.seed)
+        other = chosen.get(slot)
+        if other is None:
+            chosen[slot] = rec
+            continue
+        keep, drop = (rec, other) if _preference(rec) > _preference(other) else (other, rec)
+        chosen[slot] = keep
+        ignored.append((drop, f"superseded by {keep.source} ({keep.status})"))
+
+    for (key, seed), rec in chosen.items():
+        cell = cells[key]
+        if rec.status == "finished":
+            cell.values[seed] = _metric_value(rec, spec.metric)[0]  # type: ignore[assignment]
+            cell.records[seed] = rec
+        else:
+            cell.failed[seed] = rec
+    for cell in cells.values():
+        if cell.experiment is not None:
+            cell.missing = [s for s in spec.seeds if s not in cell.values and s not in cell.failed]
+    ordered = [cells[(r, c)] for r in spec.rows for c in spec.cols]
+    ignored.sort(key=lambda x: (x[0].source, x[1]))
+    return TableResult(spec=spec, cells=ordered, ignored=ignored, source=source)
+
+
+def fmt(x: float | None, decimals: int) -> str:
+    """Fixed-point text; '' for None; never '-0.0'."""
+    if x is None:
+        return ""
+    s = f"{x:.{decimals}f}"
+    return s[1:] if s.startswith("-") and float(s) == 0 else s
+
+
+def _seeds(seeds: list[int] | Any) -> str:
+    return ";".join(str(s) for s in sorted(seeds))
+
+
+def to_csv(result: TableResult) -> str:
+    """Long format: one line per (row, col) in display order; columns `CSV_COLUMNS`."""
+    spec, d = result.spec, result.spec.decimals
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for c in result.cells:
+        w.writerow(
+            [
+                spec.paper,
+                spec.id,
+                c.row,
+                c.col,
+                c.experiment or "",
+                spec.metric,
+                c.status,
+                c.n,
+                fmt(c.mean, d),
+                fmt(c.std, d),
+                fmt(c.reported, d),
+                fmt(c.delta, d),
+                _seeds(c.values),
+                _seeds(c.missing),
+                _seeds(c.failed),
+                _seeds(c.dirty_seeds),
+                ";".join(c.commits),
+            ]
+        )
+    return buf.getvalue()
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _one_line(s: str | None, limit: int = 200) -> str:
+    """The error on one line (chained messages often put the cause on line 2), truncated."""
+    line = " ".join((s or "").split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _signed(x: float | None, d: int) -> str:
+    s = fmt(x, d)
+    return s if not s or s.startswith("-") or float(s) == 0 else f"+{s}"
+
+
+def _cell_text(c: CellResult, d: int) -> str:
+    if c.experiment is None:
+        ours = "·"
+    elif c.n == 0:
+        ours = f"{c.status} (0)"
+    elif c.std is None:
+        ours = f"{fmt(c.mean, d)} ({c.n})"
+    else:
+        ours = f"{fmt(c.mean, d)} ± {fmt(c.std, d)} ({c.n})"
+    if c.reported is not None:
+        ours += f" [{fmt(c.reported, d)}]"
+    return ours
+
+
+def _seed_list(seeds: list[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
+
+
+def to_markdown(result: TableResult, command: str | None = None) -> str:
+    """Readable rows × cols table plus the sections that say what is missing or suspect."""
+    spec, d = result.spec, result.spec.decimals
+    cells = {(c.row, c.col): c for c in result.cells}
+    out: list[str] = [f"# {spec.title}", ""]
+    src = f" Source: {spec.source}." if spec.source else ""
+    out.append(
+        f"Paper `{spec.paper}`, table `{spec.id}` (config `configs/table/{spec.name}.yaml`).{src}"
+    )
+    out.append("")
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    out.append(
+        f"Metric `{spec.metric}`: mean ± sample std over seeds {{{seeds}}}, number of finished "
+        "seeds in parentheses, the paper's number in brackets. `·` = no experiment for this cell."
+    )
+    if spec.notes:
+        out += ["", spec.notes]
+    cmd = command or f"python scripts/aggregate.py {spec.name}"
+    out += ["", f"Generated from {result.source} by `{cmd}`; do not edit by hand.", ""]
+
+    header = [""] + [spec.label(c) for c in spec.cols]
+    out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+    out.append("|:--" + "|--:" * len(spec.cols) + "|")
+    for r in spec.rows:
+        row = [spec.label(r)] + [_cell_text(cells[(r, c)], d) for c in spec.cols]
+        out.append("| " + " | ".join(_md_escape(x) for x in row) + " |")
+
+    if any(c.delta is not None for c in result.cells):
+        out += ["", "Δ = ours − paper:", ""]
+        out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+        out.append("|:--" + "|--:" * len(spec.cols) + "|")
+        for r in spec.rows:
+            row = [spec.label(r)] + [_signed(cells[(r, c)].delta, d) for c in spec.cols]
+            out.append("| " + " | ".join(_md_escape(x) for x in row) + " |")
+
+    run_cells = [c for c in result.cells if c.experiment is not None]
+    n_exp = len(run_cells) * len(spec.seeds)
+    n_fin = sum(c.n for c in run_cells)
+    n_fail = sum(len(c.failed) for c in run_cells)
+    n_miss = sum(len(c.missing) for c in run_cells)
+    out += [
+        "",
+        "## Status",
+        "",
+        f"{len(run_cells)} cells × {len(spec.seeds)} seeds = {n_exp} runs: {n_fin} finished, "
+        f"{n_fail} failed, {n_miss} missing.",
+    ]
+
+    out += ["", "## Missing runs", ""]
+    missing = [c for c in run_cells if c.missing]
+    if missing:
+        for c in missing:
+            whole = " (whole cell: no finished seed)" if c.n == 0 and not c.failed else ""
+            out.append(f"- `{c.cell}` ({c.experiment}): {_seed_list(c.missing)}{whole}")
+    else:
+        out.append("None.")
+
+    out += ["", "## Failed runs", ""]
+    failed = [(c, s, rec) for c in run_cells for s, rec in sorted(c.failed.items())]
+    if failed:
+        out += ["| cell | seed | error | record |", "|:--|--:|:--|:--|"]
+        for c, s, rec in failed:
+            out.append(
+                f"| `{c.cell}` | {s} | {_md_escape(_one_line(rec.error))} | `{_md_escape(rec.source)}` |"
+            )
+    else:
+        out.append("None.")
+
+    out += ["", "## Commits", ""]
+    finished = result.finished
+    by_commit: dict[str, list[RunRecord]] = {}
+    for rec in finished:
+        by_commit.setdefault(rec.commit, []).append(rec)
+    if not finished:
+        out.append("No finished runs.")
+    elif len(by_commit) == 1:
+        (sha,) = by_commit
+        out.append(f"All {len(finished)} finished runs at `{sha}`.")
+    else:
+        out.append(f"**Mixed commits**: finished runs come from {len(by_commit)} commits.")
+        out.append("")
+        for sha in sorted(by_commit, key=lambda k: (-len(by_commit[k]), k)):
+            recs = by_commit[sha]
+            if len(recs) <= 5:
+                which = ": " + ", ".join(f"`{r.cell}` s{r.seed}" for r in recs)
+            else:
+                which = ""
+            out.append(f"- `{sha}`: {len(recs)} run{'s' if len(recs) != 1 else ''}{which}")
+
+    out += ["", "## Dirty trees", ""]
+    dirty = [r for r in finished if r.dirty]
+    unknown = [r for r in finished if r.dirty is None]
+    if dirty:
+        out.append("Finished runs whose code had uncommitted changes:")
+        out.append("")
+        out += [f"- `{r.cell}` seed {r.seed} at `{r.commit}` (`{r.source}`)" for r in dirty]
+    else:
+        out.append("None.")
+    if unknown:
+        out += ["", f"Git state unknown for {len(unknown)} finished run(s):", ""]
+        out += [f"- `{r.cell}` seed {r.seed} (`{r.source}`)" for r in unknown]
+
+    out += ["", "## Ignored records", ""]
+    if result.ignored:
+        out.append("Records of this paper table that were not counted:")
+        out.append("")
+        for rec, why in result.ignored:
+            out.append(f"- `{rec.source}` ({rec.status}, seed {rec.seed}): {why}")
+    else:
+        out.append("None.")
+
+    if spec.warnings:
+        out += ["", "## Config warnings", ""]
+        out += [f"- {w}" for w in spec.warnings]
+    return "\n".join(out) + "\n"
+
+
+def output_paths(spec: TableSpec, out_dir: str | Path) -> dict[str, Path]:
+    base = Path(out_dir) / spec.paper / spec.id
+    return {ext: base.with_suffix(f".{ext}") for ext in ("md", "csv", "png")}
+
+
+def write_outputs(
+    result: TableResult, out_dir: str | Path, plot: bool = True, command: str | None = None
+) -> dict[str, Path]:
+    """Write `<out>/<paper>/<id>.{md,csv[,png]}`; returns the paths written."""
+    paths = output_paths(result.spec, out_dir)
+    paths["md"].parent.mkdir(parents=True, exist_ok=True)
+    paths["csv"].write_text(to_csv(result), encoding="utf-8", newline="")
+    paths["md"].write_text(to_markdown(result, command), encoding="utf-8", newline="")
+    if plot:
+        from reprolab.tables.plot import plot_table
+
+        plot_table(result, paths["png"])
+    else:
+        paths.pop("png")
+    return paths
+
+
+def aggregate_table(
+    spec: TableSpec,
+    log_root: str | Path | None = None,
+    source: str = "files",
+    out_dir: str | Path = "results",
+    plot: bool = True,
+    entity: str | None = None,
+    project: str | None = None,
+    command: str | None = None,
+) -> tuple[TableResult, dict[str, Path]]:
+    """Collect, aggregate and write one table (what `scripts/aggregate.py` runs)."""
+    if source == "files":
+        root = log_root if log_root is not None else os.environ.get("LOG_ROOT", "logs")
+        records = collect_files(root)
+        label = "metrics.json files"
+    elif source == "wandb":
+        records = collect_wandb(spec, entity=entity, project=project)
+        label = "W&B runs"
+    else:
+        raise ValueError(f"Unknown source '{source}'; available: files, wandb")
+    result = aggregate(spec, records, source=label)
+    return result, write_outputs(result, out_dir, plot=plot, command=command)

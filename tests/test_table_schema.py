@@ -1,0 +1,234 @@
+"""Table configs: the fixture table validates; typos and inconsistencies fail with useful messages."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from reprolab.tables.hydra_callbacks import ValidateTable
+from reprolab.tables.schema import (
+    TableConfigError,
+    find_table,
+    list_tables,
+    table_errors,
+    validate_table,
+)
+
+FIXTURE_CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+REAL_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REAL_TABLES = sorted(p.stem for p in (REAL_CONFIGS / "table").glob("*.yaml"))
+NAME = "fixpaper_tab1"
+
+
+def edited(tmp_path: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of the fixture config dir with the fixture table edited by `edit(table_dict)`."""
+    config_dir = tmp_path / "configs"
+    shutil.copytree(FIXTURE_CONFIGS, config_dir)
+    path = config_dir / "table" / f"{NAME}.yaml"
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    edit(data)
+    save(data, path)
+    return config_dir
+
+
+def save(data: dict, path: Path) -> None:
+    path.write_text("# @package _global_\n" + OmegaConf.to_yaml(OmegaConf.create(data)))
+
+
+def errors_of(config_dir: Path) -> str:
+    with pytest.raises(TableConfigError) as info:
+        validate_table(NAME, config_dir)
+    return str(info.value)
+
+
+def test_fixture_table_validates() -> None:
+    assert table_errors(NAME, FIXTURE_CONFIGS) == []
+    spec = validate_table(NAME, FIXTURE_CONFIGS)
+    assert (spec.paper, spec.id, spec.metric, spec.decimals) == ("fixpaper", "tab1", "test/acc", 1)
+    assert spec.rows == ["zeroshot", "bar", "ours"] and spec.cols == ["dsa", "dsb", "dsc"]
+    assert spec.seeds == [1, 2, 3] and spec.n_cells == 7 and spec.n_jobs == 21
+    # ours_dsb inherits its paper block from ours_base through `defaults` and sets only the col.
+    assert spec.cells[("ours", "dsb")] == "ours_dsb"
+    assert ("zeroshot", "dsc") not in spec.cells
+    # null / absent reported numbers are unknown, not zero.
+    assert spec.reported == {
+        ("zeroshot", "dsb"): 71.5,
+        ("bar", "dsa"): 59.0,
+        ("ours", "dsa"): 93.7,
+        ("ours", "dsb"): 88.0,
+        ("ours", "dsc"): 50.0,
+    }
+    assert spec.cell_id("ours", "dsa") == "fixpaper.tab1.ours.dsa"
+
+
+def test_reported_disagreement_is_a_warning_and_the_table_wins() -> None:
+    spec = validate_table(NAME, FIXTURE_CONFIGS)
+    assert any("ours_dsa" in w and "93.5" in w and "93.7" in w for w in spec.warnings)
+    assert spec.reported[("ours", "dsa")] == 93.7
+
+
+def test_list_tables() -> None:
+    assert list_tables(FIXTURE_CONFIGS) == [(NAME, 7, 3)]
+    assert find_table("fixpaper", "tab1", FIXTURE_CONFIGS) == NAME
+
+
+def test_unknown_table_suggests_a_close_match() -> None:
+    with pytest.raises(TableConfigError, match="did you mean 'fixpaper_tab1'"):
+        validate_table("fixpaper_tab", FIXTURE_CONFIGS)
+
+
+def test_experiment_typo_lists_valid_names(tmp_path: Path) -> None:
+    def typo(d: dict) -> None:
+        d["table"]["experiments"][0] = "zeroshot_dza"
+        d["hydra"]["sweeper"]["params"]["experiment"] = ",".join(d["table"]["experiments"])
+
+    msg = errors_of(edited(tmp_path, typo))
+    assert "Unknown experiment 'zeroshot_dza'" in msg
+    assert "available: bar_dsa, bar_dsb, bar_dsc, ours_base, ours_dsa" in msg
+    assert "did you mean 'zeroshot_dsa'?" in msg
+
+
+def test_sweeper_must_equal_table_experiments(tmp_path: Path) -> None:
+    def drop(d: dict) -> None:
+        d["hydra"]["sweeper"]["params"]["experiment"] = "zeroshot_dsa,bar_dsa,ours_base"
+
+    msg = errors_of(edited(tmp_path, drop))
+    assert "hydra.sweeper.params.experiment must equal table.experiments" in msg
+    assert "not swept: bar_dsb, bar_dsc, ours_dsa, ours_dsb, zeroshot_dsb" in msg
+    assert "swept but not in table.experiments: ours_base" in msg
+
+
+def test_sweeper_glob_and_range_are_expanded(tmp_path: Path) -> None:
+    def glob(d: dict) -> None:
+        d["hydra"]["sweeper"]["params"] = {
+            "experiment": "glob(*,exclude=ours_base)",
+            "seed": "range(1,4)",
+        }
+
+    assert table_errors(NAME, edited(tmp_path, glob)) == []
+
+
+def test_seeds_must_match(tmp_path: Path) -> None:
+    def seeds(d: dict) -> None:
+        d["hydra"]["sweeper"]["params"]["seed"] = "1,2"
+
+    assert "sweeps [1, 2] but table.seeds is [1, 2, 3]" in errors_of(edited(tmp_path, seeds))
+
+
+def test_extra_swept_key_would_collide_run_dirs(tmp_path: Path) -> None:
+    def extra(d: dict) -> None:
+        d["hydra"]["sweeper"]["params"]["method.lr"] = "0.1,0.01"
+
+    assert "jobs would overwrite each other" in errors_of(edited(tmp_path, extra))
+
+
+def test_bad_metric_key_lists_valid_ones(tmp_path: Path) -> None:
+    def metric(d: dict) -> None:
+        d["table"]["metric"] = "test/accuracy"
+
+    msg = errors_of(edited(tmp_path, metric))
+    assert "table.metric 'test/accuracy' is not a key methods log" in msg
+    assert "test/acc, test/ece, test/<set>/acc, test/<set>/ece, test/worst_group_acc" in msg
+    assert "train/queries" in msg
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["test/ece", "test/imagenet_r/acc", "test/test/ece", "test/worst_group_acc", "train/queries"],
+)
+def test_valid_metric_keys(tmp_path: Path, metric: str) -> None:
+    def set_metric(d: dict) -> None:
+        d["table"]["metric"] = metric
+
+    errors = table_errors(NAME, edited(tmp_path, set_metric))
+    assert errors == []
+
+
+def test_cell_outside_rows_and_duplicate_cells(tmp_path: Path) -> None:
+    def bad(d: dict) -> None:
+        d["table"]["rows"] = ["zeroshot", "ours"]  # bar_* now point at an unknown row
+
+    msg = errors_of(edited(tmp_path, bad))
+    assert "experiment bar_dsa: paper.row — Unknown row 'bar'; available: zeroshot, ours" in msg
+
+    config_dir = tmp_path / "dup"
+    shutil.copytree(FIXTURE_CONFIGS, config_dir)
+    dup = config_dir / "experiment" / "bar_dsa_v2.yaml"
+    dup.write_text((config_dir / "experiment" / "bar_dsa.yaml").read_text())
+    path = config_dir / "table" / f"{NAME}.yaml"
+    d = OmegaConf.to_container(OmegaConf.load(path))
+    d["table"]["experiments"].append("bar_dsa_v2")
+    d["hydra"]["sweeper"]["params"]["experiment"] += ",bar_dsa_v2"
+    save(d, path)
+    assert "produced by both bar_dsa and bar_dsa_v2" in errors_of(config_dir)
+
+
+def test_reported_typos_and_unknown_keys_fail(tmp_path: Path) -> None:
+    def bad(d: dict) -> None:
+        d["table"]["reported"]["ours"]["dsd"] = 1.0
+        d["table"]["seed"] = [1]
+
+    msg = errors_of(edited(tmp_path, bad))
+    assert "table.reported.ours: Unknown col 'dsd'" in msg
+    assert "Unknown key table.seed" in msg and "did you mean 'seeds'?" in msg
+
+
+def test_experiment_of_another_table_fails(tmp_path: Path) -> None:
+    config_dir = edited(tmp_path, lambda d: None)
+    exp = config_dir / "experiment" / "bar_dsa.yaml"
+    exp.write_text(exp.read_text().replace("table: tab1", "table: tab2"))
+    assert "paper.table is 'tab2' but table.id is 'tab1'" in errors_of(config_dir)
+
+
+def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
+    def many(d: dict) -> None:
+        d["table"]["metric"] = "acc"
+        d["table"]["name"] = "other"
+        d["hydra"]["sweeper"]["params"]["seed"] = "1"
+
+    with pytest.raises(TableConfigError) as info:
+        validate_table(NAME, edited(tmp_path, many))
+    assert len(info.value.errors) == 3
+
+
+def test_hydra_callback_validates_before_launch(tmp_path: Path) -> None:
+    def config(config_dir: Path) -> OmegaConf:
+        return OmegaConf.create(
+            {
+                "table": {"name": NAME},
+                "hydra": {
+                    "runtime": {
+                        "choices": {"table": NAME},
+                        "config_sources": [
+                            {"path": str(config_dir), "schema": "file", "provider": "main"}
+                        ],
+                    }
+                },
+            }
+        )
+
+    ValidateTable().on_multirun_start(config(FIXTURE_CONFIGS))
+
+    def metric(d: dict) -> None:
+        d["table"]["metric"] = "test/accuracy"
+
+    # SystemExit, not an Exception: Hydra downgrades exceptions raised in callbacks to warnings.
+    with pytest.raises(SystemExit, match="not a key methods log"):
+        ValidateTable().on_multirun_start(config(edited(tmp_path, metric)))
+    ValidateTable().on_multirun_start(OmegaConf.create({"hydra": {"runtime": {"choices": {}}}}))
+
+
+@pytest.mark.parametrize("name", REAL_TABLES)
+def test_real_table_is_valid(name: str) -> None:
+    assert table_errors(name, REAL_CONFIGS) == []
+
+
+def test_package_header_must_come_first(tmp_path: Path) -> None:
+    config_dir = edited(tmp_path, lambda d: None)
+    path = config_dir / "table" / f"{NAME}.yaml"
+    path.write_text(f"# configs/table/{NAME}.yaml\n# @package _global_\n" + path.read_text())
+    assert "must be `# @package _global_`" in errors_of(config_dir)
