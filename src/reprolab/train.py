@@ -103,7 +103,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.data)  # fails fast if data is missing
         backbone = hydra.utils.instantiate(cfg.model)
-        datamodule.set_preprocess(backbone.preprocess)
+        preprocess = backbone.preprocess
+        method_cls = hydra.utils.get_class(cfg.method._target_)
+        if hasattr(method_cls, "input_preprocess"):  # e.g. BAR feeds 194 px images into a frame
+            preprocess = method_cls.input_preprocess(preprocess, cfg.method)
+        datamodule.set_preprocess(preprocess)
         method = hydra.utils.instantiate(cfg.method)(
             backbone=backbone,
             classnames=datamodule.classnames,

@@ -127,12 +127,9 @@ class CLIPBackbone(nn.Module):
 
 def _register_custom_archs() -> None:
     """Make the project's own open_clip configs (tiny_clip) known to open_clip."""
-    try:
-        from reprolab.models import tiny_clip
+    from reprolab.models import tiny_clip
 
-        tiny_clip.register()
-    except ImportError:  # tiny_clip is optional for real backbones
-        pass
+    tiny_clip.register()
 
 
 def _resolve_pretrained(arch: str, pretrained: str | None, cache_dir: str | None) -> str | None:
@@ -146,6 +143,10 @@ def _resolve_pretrained(arch: str, pretrained: str | None, cache_dir: str | None
                 f"Checkpoint {path} for {arch} does not exist. Point model.pretrained at a local "
                 "open_clip checkpoint file or use a pretrained tag."
             )
+        from reprolab.models import tiny_clip
+
+        if arch == tiny_clip.TINY_CLIP_ARCH:  # committed weights are packed; unpack once, cached
+            path = tiny_clip.resolve_checkpoint(path)
         return str(path)
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if tags and pretrained not in tags:

@@ -1,0 +1,138 @@
+"""Shared machinery of black-box prompting methods trained with zeroth-order optimisers.
+
+A black-box method never holds the target model: it receives a `BlackBox` oracle (images in,
+logits out, no parameters, no autograd) and estimates gradients from loss queries. Subclasses
+define the prompt (`prompted`, `prompted_batched`), the loss and the optimiser; this class runs the
+step with Lightning's manual optimisation, counts queries, honours a query budget and keeps the
+optimiser and oracle state in checkpoints so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reprolab.methods.base import ClassificationMethod
+from reprolab.models.blackbox import BlackBox, QueryBudgetExceeded
+
+log = logging.getLogger(__name__)
+
+
+class ZerothOrderPrompting(ClassificationMethod):
+    """Base of BlackVIP, VP w/ SPSA-GC and BAR.
+
+    Args:
+        backbone: the target model; it is wrapped in a `BlackBox` and not kept.
+        budget: optional limit on images sent to the oracle during training; training stops cleanly
+            when the next step would exceed it.
+        batched: evaluate all perturbations of a step in one oracle call (False: one call per
+            perturbation; identical update, used by the benchmark).
+        max_batch: images per oracle forward (memory only).
+        **kwargs: see `ClassificationMethod`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        backbone: nn.Module,
+        budget: int | None = None,
+        batched: bool = True,
+        max_batch: int = 2048,
+        **kwargs: Any,
+    ) -> None:
+        pre = backbone.preprocess
+        classnames, templates = kwargs["classnames"], kwargs["templates"]
+        super().__init__(*args, backbone=None, **kwargs)
+        self.automatic_optimization = False
+        self.preprocess = pre
+        self.oracle = BlackBox(backbone, classnames, templates, budget=budget, max_batch=max_batch)
+        self.budget = budget
+        self.batched = batched
+        self.optimizer: Any = None  # a zeroth-order optimiser (SPSA, RGF), built by subclasses
+        self.budget_exhausted = False
+        self._train_usage = {"queries": 0, "images": 0}
+
+    # -- what subclasses define -------------------------------------------------------------
+    def prompted(self, images: Tensor) -> Tensor:
+        """Prompted images with the current parameters.  # (B, 3, S, S)"""
+        raise NotImplementedError
+
+    def prompted_batched(self, images: Tensor, thetas: Tensor) -> Tensor:
+        """Prompted images for each flat parameter row.  # (R, B, 3, S, S)"""
+        raise NotImplementedError
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-row loss of logits (R, B, C) against labels (B,).  # (R,)"""
+        r, b, c = logits.shape
+        ce = F.cross_entropy(logits.reshape(r * b, c), labels.repeat(r), reduction="none")
+        return ce.view(r, b).mean(dim=1)
+
+    def prepare_step(self, images: Tensor) -> None:
+        """Per-step work shared by all perturbations (BlackVIP caches encoder features)."""
+
+    # -- training ---------------------------------------------------------------------------
+    def _losses(self, images: Tensor, labels: Tensor, thetas: Tensor) -> Tensor:
+        xs = self.prompted_batched(images, thetas)  # (R, B, 3, S, S)
+        r, b = xs.shape[:2]
+        logits = self.oracle(xs.flatten(0, 1), queries=r).view(r, b, -1)
+        return self.loss(logits.float(), labels)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.budget_exhausted:
+            return
+        images, labels = batch["image"], batch["label"]
+        self.prepare_step(images)
+
+        def batched(thetas: Tensor) -> Tensor:  # (R, N) -> (R,)
+            return self._losses(images, labels, thetas)
+
+        def one(theta: Tensor) -> Tensor:  # (N,) -> ()
+            return self._losses(images, labels, theta.unsqueeze(0))[0]
+
+        try:
+            with torch.no_grad():
+                self.optimizer.step(batched if self.batched else one, batched=self.batched)
+        except QueryBudgetExceeded as e:
+            log.info("Query budget reached after %d images: stopping training (%s)",
+                     self.oracle.images, e)
+            self.budget_exhausted = True
+            self.trainer.should_stop = True
+            return
+        stats = {f"train/{k}": float(v) for k, v in self.optimizer.stats.items() if k != "loss"}
+        stats["train/queries"] = float(self.oracle.queries)
+        stats["train/images"] = float(self.oracle.images)
+        self.log_dict(stats, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("train/loss", float(self.optimizer.stats.get("loss", 0.0)), prog_bar=True)
+
+    def on_train_end(self) -> None:
+        self._train_usage = {"queries": self.oracle.queries, "images": self.oracle.images}
+
+    def configure_optimizers(self) -> None:
+        return None  # the zeroth-order optimiser lives outside torch.optim
+
+    # -- evaluation -------------------------------------------------------------------------
+    def logits(self, images: Tensor) -> Tensor:
+        saved, self.oracle.budget = self.oracle.budget, None  # the budget is a training budget
+        try:
+            return self.oracle(self.prompted(images))
+        finally:
+            self.oracle.budget = saved
+
+    def extra_metrics(self) -> dict[str, float]:
+        usage = self._train_usage if self._train_usage["queries"] else {
+            "queries": self.oracle.queries, "images": self.oracle.images}
+        return {"train/queries": float(usage["queries"]), "train/images": float(usage["images"]),
+                "train/queries_per_step": float(self.optimizer.queries_per_step)}
+
+    # -- resume -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["zo_optimizer"] = self.optimizer.state_dict()
+        checkpoint["oracle"] = self.oracle.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["zo_optimizer"])
+        self.oracle.load_state(checkpoint["oracle"])
