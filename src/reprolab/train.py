@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(method_cls, "input_preprocess"):  # e.g. BAR feeds 194 px images into a frame
             preprocess = method_cls.input_preprocess(preprocess, cfg.method)
         datamodule.set_preprocess(preprocess)
-        method = hydra.utils.instantiate(cfg.method)(
+        method = hydra.utils.instantiate(cfg.method, _convert_="all")(
             backbone=backbone,
             classnames=datamodule.classnames,
             templates=datamodule.templates,

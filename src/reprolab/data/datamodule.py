@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from reprolab.data.fewshot import sample_fewshot
@@ -36,6 +36,27 @@ def build_transforms(pre: Preprocess, train: bool, augment: bool) -> T.Compose:
     else:
         geo = [T.Resize(pre.image_size, interpolation=interp), T.CenterCrop(pre.image_size)]
     return T.Compose([*geo, *norm])
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch that depends only on (seed, epoch).
+
+    Lightning calls `set_epoch` before every epoch, so a run resumed at epoch e sees the same order
+    as one that was never interrupted (a plain seeded generator would restart its sequence).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class _Transformed(Dataset):
@@ -136,11 +157,10 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochSeededSampler(len(ds), self.fewshot_seed) if train else None,
             drop_last=train and self.drop_last and len(ds) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.fewshot_seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -102,11 +102,20 @@ class ZerothOrderPrompting(ClassificationMethod):
             self.budget_exhausted = True
             self.trainer.should_stop = True
             return
+        self._count_step()
         stats = {f"train/{k}": float(v) for k, v in self.optimizer.stats.items() if k != "loss"}
         stats["train/queries"] = float(self.oracle.queries)
         stats["train/images"] = float(self.oracle.images)
         self.log_dict(stats, prog_bar=False, on_step=True, on_epoch=False)
         self.log("train/loss", float(self.optimizer.stats.get("loss", 0.0)), prog_bar=True)
+
+    def _count_step(self) -> None:
+        # Lightning counts global steps through torch optimizers; ours lives outside torch.optim, so
+        # the manual-optimisation step counter is advanced here (max_steps, checkpoints and logging
+        # all read it, and it is saved and restored with the loop state).
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
 
     def on_train_end(self) -> None:
         self._train_usage = {"queries": self.oracle.queries, "images": self.oracle.images}

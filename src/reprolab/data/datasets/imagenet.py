@@ -1,0 +1,416 @@
+"""ImageNet-1k and its distribution shifts (ImageNet-V2, -Sketch, -A, -R, ObjectNet).
+
+Layouts under the root (CoOp's DATASETS.md names, so a CoOp `$DATA` folder works as is):
+
+| name | folder | images | test size | classes |
+|---|---|---|---|---|
+| imagenet | imagenet | images/{train,val}/<wnid>/*.JPEG, or hf/{train,validation} (saved HF dataset) | 50,000 | 1000 |
+| imagenet_v2 | imagenetv2 | imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg | 10,000 | 1000 |
+| imagenet_sketch | imagenet-sketch | images/<wnid>/*.JPEG, or hf/test (saved HF dataset) | 50,889 | 1000 |
+| imagenet_a | imagenet-adversarial | imagenet-a/<wnid>/*.jpg | 7,500 | 200 |
+| imagenet_r | imagenet-rendition | imagenet-r/<wnid>/*.jpg | 30,000 | 200 |
+| objectnet | objectnet | objectnet-1.0/images/<folder>/*.png (113 of 313 folders used) | ~18,574 | 113 |
+
+Labels: ImageNet index i is the i-th wnid in sorted order (assets/imagenet/wnids.txt). ImageNet "val" is
+also the test set (CoOp). V2 labels are the integer folder names (never sort them as strings).
+ImageNet-A/R labels are the rank of the image's wnid among the 200 sorted wnids; ObjectNet labels are the
+rank of its folder among the 113 mapped folders, and images lose a 2-pixel border (the red frame).
+
+`index_groups` maps each class of a shift set to ImageNet indices: a 1000-way head is evaluated on A/R by
+keeping the 200 columns and on ObjectNet by the max over each class's 1-3 columns (`project_logits`).
+`get_spec("imagenet", shift_sets=[...])` adds the shift sets as extra test sets (labels in their own
+space; `spec.test_index_groups[name]` says how to project the 1000-way logits). A shift set on its own
+(`data=imagenet_r`) trains/validates on the ImageNet images of its classes, relabelled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from reprolab.data import sources
+from reprolab.data.datasets._common import LocalSpec, Step, assets, templates_for
+from reprolab.data.sources import Item
+from reprolab.data.spec import ImageSplit, get_spec, read_lines, register
+
+log = logging.getLogger(__name__)
+
+SHIFT_SETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "objectnet")
+
+
+@cache
+def imagenet_wnids() -> tuple[str, ...]:
+    return tuple(assets("imagenet", "wnids.txt"))
+
+
+@cache
+def imagenet_classnames() -> tuple[str, ...]:
+    return tuple(assets("imagenet", "classnames.txt"))
+
+
+def wnid_index() -> dict[str, int]:
+    return {w: i for i, w in enumerate(imagenet_wnids())}
+
+
+def subset_indices(name: str) -> list[int]:
+    """Sorted ImageNet indices of the 200 classes of `imagenet_a` / `imagenet_r`."""
+    idx = wnid_index()
+    return sorted(idx[w] for w in assets(name, "wnids.txt"))
+
+
+@dataclass(frozen=True)
+class ObjectNetClass:
+    folder: str
+    name: str
+    wnids: tuple[str, ...]
+    imagenet_names: str
+
+
+@cache
+def objectnet_classes() -> tuple[ObjectNetClass, ...]:
+    """The 113 ObjectNet classes that overlap ImageNet, sorted by folder (= label order)."""
+    rows = [r for r in read_lines("objectnet/classes.tsv") if not r.startswith("#")]
+    out = []
+    for r in rows:
+        folder, name, wnids, names = r.split("\t")
+        out.append(ObjectNetClass(folder, name, tuple(wnids.split(",")), names))
+    if [c.folder for c in out] != sorted(c.folder for c in out):
+        raise ValueError("assets/objectnet/classes.tsv must be sorted by folder")
+    return tuple(out)
+
+
+def objectnet_index_groups() -> list[list[int]]:
+    idx = wnid_index()
+    return [[idx[w] for w in c.wnids] for c in objectnet_classes()]
+
+
+def resolve_objectnet_mappings(mappings: str | Path) -> list[tuple[str, str, list[int]]]:
+    """(folder, ObjectNet name, ImageNet indices) per mapped class, from ObjectNet's own metadata.
+
+    The procedure of the spec (robust_finetuning.md §3.1): the release's `mappings/` folder has
+    `folder_to_objectnet_label.json` (folder -> name), `objectnet_to_imagenet_1k.json` (name -> ImageNet
+    class names joined by '; '), `imagenet_to_label_2012_v2` (line k = class name of 2012 id k) and
+    `pytorch_to_imagenet_2012_id.json` (PyTorch index -> 2012 id). Chaining them gives each name's
+    PyTorch (= sorted-wnid) indices. Sorted by folder.
+    """
+    m = Path(mappings)
+    folder_to_name = sources.read_json(m / "folder_to_objectnet_label.json")
+    name_to_folder = {v: k for k, v in folder_to_name.items()}
+    to_imagenet = sources.read_json(m / "objectnet_to_imagenet_1k.json")
+    id2012_to_torch = {
+        int(v): int(k) for k, v in sources.read_json(m / "pytorch_to_imagenet_2012_id.json").items()
+    }
+    lines = (m / "imagenet_to_label_2012_v2").read_text(encoding="utf-8").splitlines()
+    name_to_torch = {
+        line.strip(): id2012_to_torch[k] for k, line in enumerate(lines) if line.strip()
+    }
+    out = []
+    for name, names in to_imagenet.items():
+        out.append((name_to_folder[name], name, [name_to_torch[n] for n in names.split("; ")]))
+    return sorted(out)
+
+
+def project_logits(logits: torch.Tensor, index_groups: list[list[int]] | None) -> torch.Tensor:
+    """(B, 1000) ImageNet logits -> (B, len(index_groups)) logits of a shift set (max within a group)."""
+    if index_groups is None:
+        return logits
+    if all(len(g) == 1 for g in index_groups):
+        return logits[:, [g[0] for g in index_groups]]
+    width = max(len(g) for g in index_groups)
+    padded = torch.tensor(
+        [g + [g[0]] * (width - len(g)) for g in index_groups], device=logits.device
+    )
+    return logits[:, padded].amax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet
+
+
+@dataclass
+class ImageNetSpec(LocalSpec):
+    """ImageNet-1k; `val` and `test` are both the 50k validation images (CoOp)."""
+
+    shift_sets: list[str] = field(default_factory=list)
+    templates_kind: str = "single"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.shift_sets) - set(SHIFT_SETS)
+        if unknown:
+            raise ValueError(
+                f"imagenet: unknown shift sets {sorted(unknown)}; choose from {SHIFT_SETS}"
+            )
+        self.test_sets = ["test", *self.shift_sets]
+
+    @property
+    def test_index_groups(self) -> dict[str, list[list[int]] | None]:
+        out: dict[str, list[list[int]] | None] = {"test": None}
+        for s in self.shift_sets:
+            out[s] = get_spec(s).index_groups
+        return out
+
+    def required(self, root: Path) -> list[Path]:
+        d = self.dataset_dir(root)
+        return [d / "images" / "train", d / "images" / "val"]
+
+    def splits(self, root: Path) -> dict[str, list[Item]]:
+        names = imagenet_classnames()
+        idx = wnid_index()
+
+        def listing(split: str) -> list[Item]:
+            base = self.dataset_dir(root) / "images" / split
+            wnids = sources.list_dirs(base)
+            if set(wnids) != set(idx):
+                raise sources.CountMismatchError(
+                    f"imagenet: {base} must hold the 1000 wnid folders (found {len(wnids)}; "
+                    "val must be sorted into wnid folders, e.g. with ILSVRC's valprep.sh)"
+                )
+            return [
+                (f"{split}/{r}", y, c)
+                for r, y, c in sources.imagefolder_items(base, list(imagenet_wnids()), list(names))
+            ]
+
+        index = sources.fixed_split(
+            self.dataset_dir(root) / "split_reprolab_ImageNet.json",
+            lambda: {"train": listing("train"), "test": listing("val")},
+        )
+        return {"train": index["train"], "val": index["test"], "test": index["test"]}
+
+    def image_base(self, root: Path) -> Path:
+        return self.dataset_dir(root) / "images"
+
+    def load(self, root: Path | str, split: str) -> ImageSplit:
+        if split in self.shift_sets:
+            return get_spec(split).load(root, "test")
+        return super().load(root, split)
+
+
+@register("imagenet")
+def imagenet(
+    templates: str = "single", shift_sets: list[str] | tuple[str, ...] = ()
+) -> ImageNetSpec:
+    return ImageNetSpec(
+        name="imagenet",
+        classnames=list(imagenet_classnames()),
+        templates=templates_for("imagenet", templates),
+        source="ILSVRC-2012 (image-net.org, licence: manual) or HF ILSVRC/imagenet-1k (gated)",
+        folder="imagenet",
+        expected={"train": 1281167, "val": 50000, "test": 50000},
+        disk="~147 GB",
+        steps=[
+            Step("hf_dataset", "ILSVRC/imagenet-1k", dest="hf/train", split="train"),
+            Step("hf_dataset", "ILSVRC/imagenet-1k", dest="hf/validation", split="validation"),
+        ],
+        hf_layout={"train": "hf/train", "val": "hf/validation", "test": "hf/validation"},
+        manual="""ImageNet needs an account (https://image-net.org) or access to the gated HF repo ILSVRC/imagenet-1k.
+Either (a) `huggingface-cli login` after accepting the terms on the hub, then re-run this command
+(writes {dir}/hf/{train,validation}); or (b) lay out the ILSVRC-2012 archives as
+  {dir}/images/train/<wnid>/*.JPEG   (ILSVRC2012_img_train.tar, one tar per wnid)
+  {dir}/images/val/<wnid>/*.JPEG     (ILSVRC2012_img_val.tar sorted into wnid folders, e.g. valprep.sh)
+Symbolic links to an existing copy are fine. Class names ship with reprolab (OpenAI/CoOp list).""",
+        shift_sets=list(shift_sets),
+        templates_kind=templates,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Shift sets (evaluation only)
+
+
+@dataclass
+class ShiftSpec(LocalSpec):
+    """A test-only ImageNet shift set; `train`/`val` are ImageNet's images of the same classes."""
+
+    image_dir: str = ""
+    index_groups: list[list[int]] | None = None  # ImageNet indices per class (None: all 1000)
+    size_note: str = "train/val: ImageNet's images of these classes"
+
+    def image_base(self, root: Path) -> Path:
+        return self.dataset_dir(root) / self.image_dir
+
+    def required(self, root: Path) -> list[Path]:
+        return [self.image_base(root)]
+
+    def test_items(self, root: Path) -> list[Item]:
+        raise NotImplementedError
+
+    def splits(self, root: Path) -> dict[str, list[Item]]:
+        return {"test": self.test_items(root)}
+
+    def load(self, root: Path | str, split: str) -> ImageSplit:
+        if split in ("train", "val"):
+            return self._imagenet_split(Path(root), split)
+        return super().load(root, split)
+
+    def _imagenet_split(self, root: Path, split: str) -> ImageSplit:
+        base = get_spec("imagenet").load(root, split)
+        if self.index_groups is None:
+            return base
+        relabel = {i: k for k, g in enumerate(self.index_groups) for i in g}
+        keep = [j for j, y in enumerate(base.labels) if y in relabel]
+        sub = base.subset(keep)
+        sub.labels = [relabel[y] for y in sub.labels]
+        return sub
+
+
+@dataclass
+class WnidFolderShift(ShiftSpec):
+    """`<image_dir>/<wnid>/*`: all 1000 wnids (Sketch) or a sorted subset (A, R)."""
+
+    wnids: list[str] = field(default_factory=list)
+
+    def test_items(self, root: Path) -> list[Item]:
+        return sources.imagefolder_items(self.image_base(root), self.wnids, self.classnames)
+
+
+@dataclass
+class ImageNetV2Spec(ShiftSpec):
+    def test_items(self, root: Path) -> list[Item]:
+        folders = [str(i) for i in range(1000)]  # integer labels, NOT sorted as strings
+        return sources.imagefolder_items(self.image_base(root), folders, self.classnames)
+
+
+@dataclass
+class ObjectNetSpec(ShiftSpec):
+    def test_items(self, root: Path) -> list[Item]:
+        self.check_mappings(root)
+        folders = [c.folder for c in objectnet_classes()]
+        return sources.imagefolder_items(self.image_base(root), folders, self.classnames)
+
+    def check_mappings(self, root: Path) -> None:
+        """If the release's mappings/ folder is there, it must agree with assets/objectnet/classes.tsv."""
+        m = self.dataset_dir(root) / "objectnet-1.0" / "mappings"
+        if not (m / "objectnet_to_imagenet_1k.json").is_file():
+            return
+        ours = [
+            (c.folder, c.name, g)
+            for c, g in zip(objectnet_classes(), self.index_groups or [], strict=True)
+        ]
+        theirs = resolve_objectnet_mappings(m)
+        if ours != theirs:
+            raise sources.CountMismatchError(
+                f"objectnet: {m} disagrees with assets/objectnet/classes.tsv "
+                f"({len(theirs)} vs {len(ours)} classes)"
+            )
+
+
+@register("imagenet_v2")
+def imagenet_v2(templates: str = "single") -> ImageNetV2Spec:
+    return ImageNetV2Spec(
+        name="imagenet_v2",
+        classnames=list(imagenet_classnames()),
+        templates=templates_for("imagenet", templates),
+        source="ImageNetV2 matched-frequency (HF vaishaal/ImageNetV2 imagenetv2-matched-frequency.tar.gz)",
+        folder="imagenetv2",
+        image_dir="imagenetv2-matched-frequency-format-val",
+        expected={"test": 10000},
+        disk="~1.2 GB",
+        steps=[
+            Step(
+                "hf_file",
+                "vaishaal/ImageNetV2",
+                "imagenetv2-matched-frequency.tar.gz",
+                extract=True,
+            )
+        ],
+        manual="""Extract imagenetv2-matched-frequency.tar.gz (hf://datasets/vaishaal/ImageNetV2, or the S3 link in
+modestyachts/ImageNetV2) in {dir}, giving {dir}/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg.""",
+    )
+
+
+@register("imagenet_sketch")
+def imagenet_sketch(templates: str = "single") -> WnidFolderShift:
+    return WnidFolderShift(
+        name="imagenet_sketch",
+        classnames=list(imagenet_classnames()),
+        templates=templates_for("imagenet", templates),
+        source="ImageNet-Sketch (HaohanWang/ImageNet-Sketch) or HF clip-benchmark/wds_imagenet_sketch",
+        folder="imagenet-sketch",
+        image_dir="images",
+        wnids=list(imagenet_wnids()),
+        expected={"test": 50889},
+        disk="~8.4 GB",
+        steps=[
+            Step("hf_dataset", "clip-benchmark/wds_imagenet_sketch", dest="hf/test", split="test")
+        ],
+        hf_layout={"test": "hf/test"},
+        hf_label="cls",
+        manual="""Either re-run with hub access (saves clip-benchmark/wds_imagenet_sketch to {dir}/hf/test), or
+download ImageNet-Sketch (links in https://github.com/HaohanWang/ImageNet-Sketch) and extract it so that
+{dir}/images/<wnid>/*.JPEG exists (1000 folders).""",
+    )
+
+
+def _subset_spec(
+    name: str, folder: str, image_dir: str, url: str, n: int, disk: str, templates: str
+) -> WnidFolderShift:
+    wnids = assets(name, "wnids.txt")
+    idx = wnid_index()
+    order = sorted(wnids)
+    if order != wnids:
+        raise ValueError(f"assets/{name}/wnids.txt must be sorted")
+    names = imagenet_classnames()
+    return WnidFolderShift(
+        name=name,
+        classnames=[names[idx[w]] for w in wnids],
+        templates=templates_for("imagenet", templates),
+        source=f"{url} (Hendrycks et al.)",
+        folder=folder,
+        image_dir=image_dir,
+        wnids=wnids,
+        index_groups=[[idx[w]] for w in wnids],
+        expected={"test": n},
+        disk=disk,
+        steps=[Step("url", url, extract=True)],
+        manual=f"""mkdir -p {{dir}}; extract {url} in {{dir}}, giving {{dir}}/{image_dir}/<wnid>/*.jpg (200 folders).""",
+    )
+
+
+@register("imagenet_a")
+def imagenet_a(templates: str = "single") -> WnidFolderShift:
+    return _subset_spec(
+        "imagenet_a",
+        "imagenet-adversarial",
+        "imagenet-a",
+        "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar",
+        7500,
+        "~0.7 GB",
+        templates,
+    )
+
+
+@register("imagenet_r")
+def imagenet_r(templates: str = "single") -> WnidFolderShift:
+    return _subset_spec(
+        "imagenet_r",
+        "imagenet-rendition",
+        "imagenet-r",
+        "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
+        30000,
+        "~2.1 GB",
+        templates,
+    )
+
+
+@register("objectnet")
+def objectnet(templates: str = "single") -> ObjectNetSpec:
+    return ObjectNetSpec(
+        name="objectnet",
+        classnames=assets("objectnet", "classnames.txt"),
+        templates=templates_for("imagenet", templates),
+        source="ObjectNet 1.0 (objectnet.dev, licence: manual), 113 ImageNet-overlap classes",
+        folder="objectnet",
+        image_dir="objectnet-1.0/images",
+        index_groups=objectnet_index_groups(),
+        expected={"test": None},
+        size_note="test ~18,574 (locuslab/FLYP issue #7, not verified); train/val: ImageNet's",
+        disk="~183 GB",
+        crop=2,
+        manual="""ObjectNet's licence must be accepted by hand: download objectnet-1.0.zip from https://objectnet.dev
+(the page gives the archive password), unzip it in {dir} so that {dir}/objectnet-1.0/images/<folder>/*.png
+and {dir}/objectnet-1.0/mappings/*.json exist. Only the 113 folders that overlap ImageNet are read.""",
+    )
