@@ -74,3 +74,27 @@ def test_cli_entry_point_runs_the_demo_cell(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/acc" in out.stdout
     assert list(tmp_path.glob("*/seed1/metrics.json"))
+
+
+def test_missing_dataset_fails_fast_naming_the_command(tmp_path: Path) -> None:
+    from reprolab.data.spec import DataNotFoundError
+
+    cfg = compose_train(["experiment=zeroshot_caltech", "model=tiny_clip_random",
+                         f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path}"])
+    t = time.time()
+    with pytest.raises(DataNotFoundError, match=r"scripts/prepare_data\.py caltech101"):
+        run(cfg)
+    assert time.time() - t < 10.0
+
+
+def test_zeroshot_caltech_runs_on_a_fixture_tree(tmp_path: Path) -> None:
+    """The real CoOp layout (images + split_zhou json), miniature: the cell runs end to end."""
+    subprocess.run([sys.executable, "tests/fixtures/make_data_tree.py", str(tmp_path / "data"),
+                    "caltech101"], cwd=PROJECT_ROOT, check=True, capture_output=True)
+    cfg = compose_train(["experiment=zeroshot_caltech", "model=tiny_clip_random", "trainer=cpu",
+                         "logger=csv", f"paths.log_dir={tmp_path / 'logs'}",
+                         f"paths.data_dir={tmp_path / 'data'}", "data.num_workers=0"])
+    record = run(cfg)
+    assert record["cell"] == "blackvip_cvpr23.tab2.zeroshot.caltech"
+    assert record["paper"]["reported"] is None or isinstance(record["paper"]["reported"], float)
+    assert 0.0 <= record["metrics"]["test/acc"] <= 100.0

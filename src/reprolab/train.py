@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     wandb_used = False
     try:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = hydra.utils.instantiate(cfg.data)  # fails fast if data is missing
+        datamodule = _instantiate_data(cfg)  # fails fast if data is missing
         backbone = hydra.utils.instantiate(cfg.model)
         preprocess = backbone.preprocess
         method_cls = hydra.utils.get_class(cfg.method._target_)
@@ -113,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             classnames=datamodule.classnames,
             templates=datamodule.templates,
             test_sets=datamodule.test_sets,
+            test_index_groups=datamodule.test_index_groups,
             num_groups=datamodule.num_groups,
         )
         loggers = _build_loggers(cfg)
@@ -162,6 +163,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
+
+
+def _instantiate_data(cfg: DictConfig):
+    """Build the data module; a missing dataset surfaces as itself, not as Hydra's wrapper."""
+    from hydra.errors import InstantiationException
+
+    from reprolab.data.spec import DataNotFoundError
+
+    try:
+        return hydra.utils.instantiate(cfg.data)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DataNotFoundError):
+            raise e.__cause__ from None
+        raise
 
 
 def _peak_memory_mb() -> float:
