@@ -75,8 +75,9 @@ def throughput(args) -> dict:
     backbone, BlackVIP, _, coord, common, images, labels = build(
         args.arch, args.device, args.batch, args.encoder
     )
-    method = BlackVIP(backbone=backbone, coordinator=coord, eps=1.0, seed=1, spsa=SPSA_KW,
-                      **common).to(args.device)
+    method = BlackVIP(
+        backbone=backbone, coordinator=coord, eps=1.0, seed=1, spsa=SPSA_KW, **common
+    ).to(args.device)
     method.train()
     oracle = method.oracle
     n_q = method.optimizer.queries_per_step
@@ -95,6 +96,7 @@ def throughput(args) -> dict:
                     method.optimizer.step(
                         lambda th: method._losses(images, labels, th.unsqueeze(0))[0], batched=False
                     )
+
         return run
 
     t_batched = timed(step(True), args.device, args.repeats)
@@ -126,8 +128,15 @@ def memory_child(args) -> dict:
     if args.which.startswith("blackvip"):
         # "blackvip_sequential": one perturbation at a time (decode, prompt, query), the memory
         # fallback; "blackvip": all 2q perturbations decoded and queried in one batched call.
-        m = BlackVIP(backbone=backbone, coordinator=coord, eps=1.0, seed=1, spsa=SPSA_KW,
-                     batched=args.which == "blackvip", **common)
+        m = BlackVIP(
+            backbone=backbone,
+            coordinator=coord,
+            eps=1.0,
+            seed=1,
+            spsa=SPSA_KW,
+            batched=args.which == "blackvip",
+            **common,
+        )
     else:
         m = VP(backbone=backbone, **common)
         m.setup("fit")
@@ -166,12 +175,19 @@ def memory_child(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="reprolab-tiny-clip", help="open_clip architecture (random init)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--arch", default="reprolab-tiny-clip", help="open_clip architecture (random init)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
-    p.add_argument("--encoder", default=None, help="Coordinator encoder (default: tiny on CPU, "
-                   "vit_mae_base random-init on GPU)")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="Coordinator encoder (default: tiny on CPU, vit_mae_base random-init on GPU)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -188,39 +204,72 @@ def main() -> None:
         print(json.dumps(memory_child(args)))
         return
 
-    res = {"arch": args.arch, "device": args.device, "batch": args.batch, "encoder": args.encoder,
-           "threads": torch.get_num_threads()}
+    res = {
+        "arch": args.arch,
+        "device": args.device,
+        "batch": args.batch,
+        "encoder": args.encoder,
+        "threads": torch.get_num_threads(),
+    }
     if gpu:
         res["gpu"] = torch.cuda.get_device_name()
     res.update(throughput(args))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed blocks return to the OS
     for which in ("blackvip", "blackvip_sequential", "vp"):
-        cmd = [sys.executable, __file__, "--memory-child", which, "--arch", args.arch,
-               "--device", args.device, "--batch", str(args.batch), "--encoder", args.encoder]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            which,
+            "--arch",
+            args.arch,
+            "--device",
+            args.device,
+            "--batch",
+            str(args.batch),
+            "--encoder",
+            args.encoder,
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-        res[f"{which}_peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_over_base_mb"]
+        res[f"{which}_peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])[
+            "peak_over_base_mb"
+        ]
     res["vp_over_blackvip_memory"] = res["vp_peak_mb"] / max(res["blackvip_peak_mb"], 1e-9)
     res["vp_over_blackvip_sequential_memory"] = res["vp_peak_mb"] / max(
-        res["blackvip_sequential_peak_mb"], 1e-9)
+        res["blackvip_sequential_peak_mb"], 1e-9
+    )
 
     rows = [
         ("(a) oracle forward", f"{res['oracle_images_per_s']:.0f} images/s"),
-        ("(b) BlackVIP training", f"{res['blackvip_images_per_s']:.0f} queried images/s "
-                                  f"= {res['blackvip_over_oracle']:.2f} x oracle"),
+        (
+            "(b) BlackVIP training",
+            f"{res['blackvip_images_per_s']:.0f} queried images/s "
+            f"= {res['blackvip_over_oracle']:.2f} x oracle",
+        ),
         ("(c) one step, batched", f"{res['step_batched_s'] * 1e3:.1f} ms"),
-        ("    one step, one by one", f"{res['step_one_by_one_s'] * 1e3:.1f} ms "
-                                     f"= {res['one_by_one_over_batched']:.2f} x batched"),
+        (
+            "    one step, one by one",
+            f"{res['step_one_by_one_s'] * 1e3:.1f} ms "
+            f"= {res['one_by_one_over_batched']:.2f} x batched",
+        ),
         ("(d) peak memory, white-box VP step", f"{res['vp_peak_mb']:.1f} MB"),
-        ("    BlackVIP step, batched", f"{res['blackvip_peak_mb']:.1f} MB "
-                                       f"(VP / this = {res['vp_over_blackvip_memory']:.2f})"),
-        ("    BlackVIP step, one by one", f"{res['blackvip_sequential_peak_mb']:.1f} MB "
-                                       f"(VP / this = {res['vp_over_blackvip_sequential_memory']:.2f})"),
+        (
+            "    BlackVIP step, batched",
+            f"{res['blackvip_peak_mb']:.1f} MB (VP / this = {res['vp_over_blackvip_memory']:.2f})",
+        ),
+        (
+            "    BlackVIP step, one by one",
+            f"{res['blackvip_sequential_peak_mb']:.1f} MB "
+            f"(VP / this = {res['vp_over_blackvip_sequential_memory']:.2f})",
+        ),
     ]
-    print(f"BlackVIP bench: {args.arch} (random init) on {res.get('gpu', args.device)}, batch "
-          f"{args.batch}, encoder {args.encoder}, {res['queries_per_step']} queries/step, "
-          f"{res['trainable_params']} trainable params, torch threads {res['threads']}")
+    print(
+        f"BlackVIP bench: {args.arch} (random init) on {res.get('gpu', args.device)}, batch "
+        f"{args.batch}, encoder {args.encoder}, {res['queries_per_step']} queries/step, "
+        f"{res['trainable_params']} trainable params, torch threads {res['threads']}"
+    )
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

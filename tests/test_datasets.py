@@ -33,7 +33,12 @@ from reprolab.data.sources import CountMismatchError
 from reprolab.data.spec import DataNotFoundError, available, get_spec
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from make_data_tree import make_coop_tree, tiny_image  # noqa: E402
+from make_data_tree import (  # noqa: E402
+    make_coop_tree,
+    make_imagenet_tree,
+    make_objectnet_mappings,
+    tiny_image,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = {
@@ -339,37 +344,24 @@ def test_sketch_reads_the_saved_hf_layout(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def imagenet_root(tmp_path_factory):
-    """ImageNet (1 image per class per split), V2, A, R and ObjectNet trees, written once."""
+def imagenet_tree(tmp_path_factory):
+    """ImageNet (1 image per class per split), V2, Sketch, A, R and ObjectNet trees, written once.
+
+    ObjectNet's mappings/ are invented (make_objectnet_mappings); its first class folder holds a
+    20x12 image (border-crop check) and `unmapped_0` is a folder outside the mapped classes.
+    """
     root = tmp_path_factory.mktemp("inet")
-    data = png_bytes()
-    wnids = inet.imagenet_wnids()
-    files = [
-        root / "imagenet" / "images" / s / w / f"{s}_{w}.JPEG"
-        for s in ("train", "val")
-        for w in wnids
-    ]
-    files += [
-        root / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / str(i) / "a.jpeg"
-        for i in range(1000)
-    ]
-    for name, folder, sub in (
-        ("imagenet_a", "imagenet-adversarial", "imagenet-a"),
-        ("imagenet_r", "imagenet-rendition", "imagenet-r"),
-    ):
-        files += [root / folder / sub / w / "x.jpg" for w in get_spec(name).wnids]
-    files += [
-        root / "objectnet" / "objectnet-1.0" / "images" / c.folder / "1.png"
-        for c in inet.objectnet_classes()
-    ]
-    files.append(root / "objectnet" / "objectnet-1.0" / "images" / "squeegee" / "1.png")  # unmapped
-    write_files(files, data)
+    expected = make_imagenet_tree(root)
     big = io.BytesIO()
     Image.new("RGB", (20, 12), (200, 0, 0)).save(big, "PNG")
-    (root / "objectnet" / "objectnet-1.0" / "images" / "alarm_clock" / "1.png").write_bytes(
-        big.getvalue()
-    )
-    return root
+    first = expected["objectnet"][0][0]
+    (root / "objectnet" / "objectnet-1.0" / "images" / first / "1.png").write_bytes(big.getvalue())
+    return root, expected["objectnet"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(imagenet_tree):
+    return imagenet_tree[0]
 
 
 def test_imagenet_tree_val_is_test(imagenet_root):
@@ -412,56 +404,63 @@ def test_shift_sets_label_space_and_imagenet_train(imagenet_root):
     assert a.classnames == [names[i] for i in inet.subset_indices("imagenet_a")]
 
 
-def test_objectnet_map_and_loading(imagenet_root):
-    groups = inet.objectnet_index_groups()
-    flat = [i for g in groups for i in g]
-    assert len(groups) == 113 and len(flat) == 125 == len(set(flat))
-    assert all(0 <= i <= 999 and 1 <= len(g) <= 3 for g in groups for i in g)
-    names = inet.imagenet_classnames()
-    assert [names[i] for i in groups[0]] == ["analog clock", "digital clock"]  # alarm clock
+def test_objectnet_classes_come_from_the_release_mappings(imagenet_tree):
+    root, expected = imagenet_tree
     spec = get_spec("objectnet")
-    test = spec.load(imagenet_root, "test")
+    names = spec.classnames  # the list a data module / method would hold
+    assert len(names) == 113 and spec.index_groups is None and not spec.resolved
+    assert "unknown until prepared" in names[0]
+    spec.check(root)  # reads objectnet-1.0/mappings/; fills names and groups in place
+    assert names == [name.lower() for _, name, _ in expected]
+    assert spec.folders == sorted(f for f, _, _ in expected)
+    assert spec.index_groups == [g for _, _, g in expected]
+    test = spec.load(root, "test")
     assert test.labels == list(range(113))  # the unmapped folder is skipped
     assert test[0]["image"].size == (16, 8)  # 2-pixel border cropped
-    train = spec.load(imagenet_root, "train")
-    assert len(train) == 125 and set(train.labels) == set(range(113))
+    flat = [i for g in spec.index_groups for i in g]
+    train = get_spec("objectnet").load(root, "train")  # a fresh spec resolves on load
+    assert len(train) == len(flat) and set(train.labels) == set(range(113))
+    assert not (Path(inet.__file__).parents[1] / "assets" / "objectnet" / "classes.tsv").exists()
 
 
 def test_objectnet_mappings_resolution(tmp_path):
-    """The spec's procedure over the release's four mapping files, on a miniature copy."""
+    """The spec's procedure over the release's four mapping files, on an invented miniature."""
     m = tmp_path / "mappings"
-    m.mkdir()
-    classes = inet.objectnet_classes()[:3]
-    (m / "folder_to_objectnet_label.json").write_text(
-        json.dumps({c.folder: c.name for c in classes} | {"squeegee": "Squeegee"})
-    )
-    (m / "objectnet_to_imagenet_1k.json").write_text(
-        json.dumps({c.name: c.imagenet_names for c in classes})
-    )
-    # 2012 ids: a fixed permutation of the PyTorch indices
-    perm = np.random.RandomState(0).permutation(1000)
-    (m / "pytorch_to_imagenet_2012_id.json").write_text(
-        json.dumps({str(i): int(perm[i]) for i in range(1000)})
-    )
-    lines = ["placeholder"] * 1000
-    inv = {int(perm[i]): i for i in range(1000)}
-    for c, g in zip(classes, inet.objectnet_index_groups()[:3], strict=True):
-        for n, idx in zip(c.imagenet_names.split("; "), g, strict=True):
-            lines[int(perm[idx])] = n
-    assert all(inv[int(perm[i])] == i for i in range(3))
-    (m / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
+    expected = make_objectnet_mappings(m, num_classes=5, unmapped=2)
     got = inet.resolve_objectnet_mappings(m)
-    assert got == [
-        (c.folder, c.name, g)
-        for c, g in zip(classes, inet.objectnet_index_groups()[:3], strict=True)
-    ]
+    assert got == expected and [f for f, _, _ in got] == sorted(f for f, _, _ in got)
+    assert [len(g) for _, _, g in got] == [1, 2, 3, 1, 2]
+    # an ImageNet name that is no line of imagenet_to_label_2012_v2
+    to_inet = json.loads((m / "objectnet_to_imagenet_1k.json").read_text())
+    to_inet["Thing 001"] = "no such class"
+    (m / "objectnet_to_imagenet_1k.json").write_text(json.dumps(to_inet))
+    with pytest.raises(CountMismatchError, match="no such class"):
+        inet.resolve_objectnet_mappings(m)
+
+
+def test_objectnet_without_mappings_or_with_wrong_ones(tmp_path):
+    base = tmp_path / "objectnet" / "objectnet-1.0"
+    (base / "images").mkdir(parents=True)
+    with pytest.raises(
+        DataNotFoundError, match="mappings.*python scripts/prepare_data.py objectnet"
+    ):
+        get_spec("objectnet").check(tmp_path)
+    make_imagenet_tree(tmp_path, sets=("imagenet",))
+    get_spec("imagenet").check(tmp_path)
+    with pytest.raises(DataNotFoundError, match="mappings"):  # a shift set fails fast too
+        get_spec("imagenet", shift_sets=["objectnet"]).check(tmp_path)
+    make_objectnet_mappings(base / "mappings", num_classes=7)
+    with pytest.raises(CountMismatchError, match="maps 7 ObjectNet classes .* expected 113"):
+        get_spec("objectnet").check(tmp_path)
 
 
 def test_project_logits():
     logits = torch.arange(2 * 1000, dtype=torch.float32).reshape(2, 1000)
-    logits[0, 530] = 1e6  # digital clock
-    out = inet.project_logits(logits, inet.objectnet_index_groups())
-    assert out.shape == (2, 113) and out[0, 0] == 1e6 and out.argmax(-1)[0] == 0
+    logits[0, 530] = 1e6
+    groups = [[409, 530], [7], [954, 1, 2]]
+    out = inet.project_logits(logits, groups)
+    assert out.shape == (2, 3) and out[0, 0] == 1e6 and out.argmax(-1)[0] == 0
+    assert out[1].tolist() == [1530.0, 1007.0, 1954.0]
     a = inet.subset_indices("imagenet_a")
     assert torch.equal(inet.project_logits(logits, [[i] for i in a]), logits[:, a])
     assert inet.project_logits(logits, None) is logits
@@ -472,9 +471,14 @@ def test_imagenet_with_shift_sets_as_test_sets(imagenet_root):
         "imagenet", shift_sets=["imagenet_v2", "imagenet_a", "objectnet"], templates="ensemble"
     )
     assert spec.test_sets == ["test", "imagenet_v2", "imagenet_a", "objectnet"]
+    with pytest.raises(RuntimeError, match="check"):
+        _ = spec.test_index_groups  # ObjectNet's groups need its mappings/
+    spec.check(imagenet_root)
     assert len(spec.load(imagenet_root, "imagenet_a")) == 200
     groups = spec.test_index_groups
-    assert groups["test"] is None and len(groups["objectnet"]) == 113
+    assert groups["test"] is None and groups["imagenet_v2"] is None
+    assert groups["imagenet_a"] == [[i] for i in inet.subset_indices("imagenet_a")]
+    assert len(groups["objectnet"]) == 113 and len(spec.load(imagenet_root, "objectnet")) == 113
     with pytest.raises(ValueError):
         get_spec("imagenet", shift_sets=["imagenet_c"])
 
@@ -678,6 +682,8 @@ def test_cli_list_offline_as_a_script(tmp_path):
         assert f"\n{name} " in out.stdout, name
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("caltech101 "))
     assert "ready" in line and "4,128" in line and "split_zhou_Caltech101.json" in line
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("objectnet "))
+    assert " 113 " in line and "missing" in line and "mappings/ once prepared" in line
 
 
 def test_cli_check_and_manual(tmp_path, capsys, monkeypatch):

@@ -124,3 +124,13 @@ def test_fewshot_splits_cache_next_to_the_data(tmp_path):
     again = fewshot_splits(get_spec("dtd"), tmp_path, num_shots=2, seed=1)
     assert again["train"].labels == out["train"].labels
     assert out["train"][0]["image"].mode == "RGB"
+
+
+def test_fewshot_splits_of_a_synthetic_spec_are_not_cached(tmp_path):
+    spec = get_spec("shapes")  # rendered in memory: no dataset folder
+    assert fewshot.fewshot_cache_dir(spec, tmp_path) is None
+    out = fewshot_splits(spec, tmp_path, num_shots=3, seed=2)
+    train = spec.load(tmp_path, "train")
+    assert out["train"].labels == [train.labels[i] for i in sample_fewshot(train.labels, 3, 2)]
+    assert Counter(out["val"].labels) == dict.fromkeys(range(10), 3)
+    assert not list(tmp_path.iterdir())

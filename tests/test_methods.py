@@ -21,8 +21,9 @@ METHODS = {
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_fast_dev_run(method: str, tiny_overrides: list[str]) -> None:
-    cfg = compose_train([*tiny_overrides, f"method={method}", "debug=fdr", "data.num_shots=4",
-                         *METHODS[method]])
+    cfg = compose_train(
+        [*tiny_overrides, f"method={method}", "debug=fdr", "data.num_shots=4", *METHODS[method]]
+    )
     record = run(cfg)
     assert 0.0 <= record["metrics"]["test/acc"] <= 100.0
     assert "test/test_clutter/acc" in record["metrics"]
@@ -34,21 +35,32 @@ def test_method_fast_dev_run(method: str, tiny_overrides: list[str]) -> None:
 
 def _coordinator_state(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("coordinator.decoder")}, ckpt
+    return {
+        k: v for k, v in ckpt["state_dict"].items() if k.startswith("coordinator.decoder")
+    }, ckpt
 
 
 def test_blackvip_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     """A run killed after epoch 1 and relaunched ends with the same weights, SPSA state and query
     count as a run that was never interrupted (perturbation RNG, momentum and BN stats restored)."""
-    common = ["model=tiny_clip_random", "data=shapes", "method=blackvip", "logger=csv",
-              "progress_bar=false", "data.num_shots=4", "data.batch_size=20", *TINY_COORDINATOR,
-              "method.batched=false"]
+    common = [
+        "model=tiny_clip_random",
+        "data=shapes",
+        "method=blackvip",
+        "logger=csv",
+        "progress_bar=false",
+        "data.num_shots=4",
+        "data.batch_size=20",
+        *TINY_COORDINATOR,
+        "method.batched=false",
+    ]
     straight = compose_train([*common, f"paths.log_dir={tmp_path / 'a'}", "trainer.max_epochs=2"])
     rec_a = run(straight)
     first = compose_train([*common, f"paths.log_dir={tmp_path / 'b'}", "trainer.max_epochs=1"])
     run(first)
-    resumed = compose_train([*common, f"paths.log_dir={tmp_path / 'b'}", "trainer.max_epochs=2",
-                             "skip_if_done=false"])
+    resumed = compose_train(
+        [*common, f"paths.log_dir={tmp_path / 'b'}", "trainer.max_epochs=2", "skip_if_done=false"]
+    )
     rec_b = run(resumed)
     sa, ca = _coordinator_state(Path(straight.paths.run_dir))
     sb, cb = _coordinator_state(Path(resumed.paths.run_dir))
@@ -63,8 +75,16 @@ def test_blackvip_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_query_budget_stops_training_cleanly(tiny_overrides: list[str]) -> None:
-    cfg = compose_train([*tiny_overrides, "method=vp_spsa", "data.num_shots=8",
-                         "data.batch_size=16", "trainer.max_epochs=50", "method.budget=500"])
+    cfg = compose_train(
+        [
+            *tiny_overrides,
+            "method=vp_spsa",
+            "data.num_shots=8",
+            "data.batch_size=16",
+            "trainer.max_epochs=50",
+            "method.budget=500",
+        ]
+    )
     record = run(cfg)
     # 10 queries x 16 images = 160 images per step: 3 steps fit in 500, the 4th would not.
     assert record["metrics"]["train/images"] == 480

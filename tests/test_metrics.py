@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from reprolab.metrics.calibration import expected_calibration_error
 from reprolab.methods.base import GroupAccuracy
+from reprolab.metrics.calibration import expected_calibration_error
 
 
 def test_ece_hand_computed() -> None:

@@ -42,8 +42,7 @@ def test_zeroshot_run_writes_metrics_json(tiny_overrides: list[str]) -> None:
 
 
 def test_resume_after_kill_continues_in_same_run_dir(tiny_overrides: list[str]) -> None:
-    overrides = [*tiny_overrides, "method=linear_probe", "trainer.max_epochs=2",
-                 "data.num_shots=8"]
+    overrides = [*tiny_overrides, "method=linear_probe", "trainer.max_epochs=2", "data.num_shots=8"]
     cfg = compose_train(overrides)
     cfg.callbacks.crash = {"_target_": "test_train.CrashAfterFirstEpoch"}
     run_dir = Path(cfg.paths.run_dir)
@@ -67,9 +66,19 @@ def test_resume_after_kill_continues_in_same_run_dir(tiny_overrides: list[str]) 
 
 def test_cli_entry_point_runs_the_demo_cell(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "train.py", "model=tiny_clip_random", "data=shapes", "method=zeroshot",
-         "logger=csv", f"paths.log_dir={tmp_path}"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            "model=tiny_clip_random",
+            "data=shapes",
+            "method=zeroshot",
+            "logger=csv",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/acc" in out.stdout
@@ -79,8 +88,14 @@ def test_cli_entry_point_runs_the_demo_cell(tmp_path: Path) -> None:
 def test_missing_dataset_fails_fast_naming_the_command(tmp_path: Path) -> None:
     from reprolab.data.spec import DataNotFoundError
 
-    cfg = compose_train(["experiment=zeroshot_caltech", "model=tiny_clip_random",
-                         f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path}"])
+    cfg = compose_train(
+        [
+            "experiment=zeroshot_caltech",
+            "model=tiny_clip_random",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.data_dir={tmp_path}",
+        ]
+    )
     t = time.time()
     with pytest.raises(DataNotFoundError, match=r"scripts/prepare_data\.py caltech101"):
         run(cfg)
@@ -89,11 +104,23 @@ def test_missing_dataset_fails_fast_naming_the_command(tmp_path: Path) -> None:
 
 def test_zeroshot_caltech_runs_on_a_fixture_tree(tmp_path: Path) -> None:
     """The real CoOp layout (images + split_zhou json), miniature: the cell runs end to end."""
-    subprocess.run([sys.executable, "tests/fixtures/make_data_tree.py", str(tmp_path / "data"),
-                    "caltech101"], cwd=PROJECT_ROOT, check=True, capture_output=True)
-    cfg = compose_train(["experiment=zeroshot_caltech", "model=tiny_clip_random", "trainer=cpu",
-                         "logger=csv", f"paths.log_dir={tmp_path / 'logs'}",
-                         f"paths.data_dir={tmp_path / 'data'}", "data.num_workers=0"])
+    subprocess.run(
+        [sys.executable, "tests/fixtures/make_data_tree.py", str(tmp_path / "data"), "caltech101"],
+        cwd=PROJECT_ROOT,
+        check=True,
+        capture_output=True,
+    )
+    cfg = compose_train(
+        [
+            "experiment=zeroshot_caltech",
+            "model=tiny_clip_random",
+            "trainer=cpu",
+            "logger=csv",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "data.num_workers=0",
+        ]
+    )
     record = run(cfg)
     assert record["cell"] == "blackvip_cvpr23.tab2.zeroshot.caltech"
     assert record["paper"]["reported"] is None or isinstance(record["paper"]["reported"], float)

@@ -56,7 +56,8 @@ def _build_loggers(cfg: DictConfig) -> list:
 
 def _build_callbacks(cfg: DictConfig) -> list:
     callbacks = [
-        hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+        hydra.utils.instantiate(c)
+        for c in (cfg.get("callbacks") or {}).values()
         if c is not None and "_target_" in c
     ]
     if _interactive() and cfg.get("progress_bar", True):

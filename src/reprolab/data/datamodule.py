@@ -1,4 +1,11 @@
-"""Few-shot image classification data module: k-shot train, val, and named test sets."""
+"""Few-shot image classification data module: k-shot train, val, and named test sets.
+
+Real datasets follow CoOp: k shots per class for train and min(k, 4) per class for val, sampled with
+`fewshot_seed` and cached next to the data (`reprolab.data.fewshot.fewshot_splits`). Synthetic specs
+have no data folder: their k-shot train is sampled the same way (uncached) and val is kept whole.
+Test sets whose labels live in a subset of the label space of the training classes (ImageNet-A/R,
+ObjectNet evaluated with a 1000-way ImageNet head) come with `test_index_groups`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from reprolab.data.fewshot import sample_fewshot
+from reprolab.data.fewshot import fewshot_cache_dir, fewshot_splits
 from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
 from reprolab.models.clip import Preprocess
 
@@ -78,6 +85,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
     The spec is checked at construction so a missing dataset fails before any model is built.
     Call `set_preprocess(backbone.preprocess)` before the loaders are used.
+
+    `test_index_groups[name]` is None for a test set labelled in the training label space, else the
+    list, per class of that set, of the training-class indices it covers (`project_logits`).
     """
 
     def __init__(
@@ -115,6 +125,10 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{name}: unknown test sets {sorted(unknown)}; available: {self.spec.test_sets}"
             )
+        groups = getattr(self.spec, "test_index_groups", None) or {}  # read after check()
+        self.test_index_groups: dict[str, list[list[int]] | None] = {
+            n: groups.get(n) for n in self.test_sets
+        }
         self.preprocess: Preprocess | None = None
         self._splits: dict[str, Dataset] = {}
 
@@ -139,14 +153,18 @@ class ClassificationDataModule(L.LightningDataModule):
             raise RuntimeError("Call set_preprocess(backbone.preprocess) before using the loaders.")
         if self._splits:
             return
-        train = self.spec.load(self.root, "train")
-        idx = sample_fewshot(train.labels, self.num_shots, self.fewshot_seed)
+        # CoOp's val subset only where there is a data folder to cache it in (real datasets).
+        real = fewshot_cache_dir(self.spec, self.root) is not None
+        parts = fewshot_splits(
+            self.spec, self.root, self.num_shots, self.fewshot_seed, val=self.use_val and real
+        )
         self._splits["train"] = _Transformed(
-            train.subset(idx), build_transforms(self.preprocess, True, self.train_augment)
+            parts["train"], build_transforms(self.preprocess, True, self.train_augment)
         )
         test_tf = build_transforms(self.preprocess, False, False)
         if self.use_val:
-            self._splits["val"] = _Transformed(self.spec.load(self.root, "val"), test_tf)
+            val = parts["val"] if real else self.spec.load(self.root, "val")
+            self._splits["val"] = _Transformed(val, test_tf)
         for name in self.test_sets:
             self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
         sizes = {k: len(v) for k, v in self._splits.items()}

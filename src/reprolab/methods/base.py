@@ -3,6 +3,10 @@
 Every test set of the data module is logged as `test/<set>/acc` (top-1, percent) and
 `test/<set>/ece` (fraction, equal-width bins); group data adds `test/<set>/worst_group_acc`.
 The first test set is also logged as `test/acc` and `test/ece` (what tables read by default).
+A test set labelled in a subset of the training label space (ImageNet-A/R: 200 of the 1000
+ImageNet classes; ObjectNet: 113 classes of 1-3 ImageNet classes each) is given as index groups; its
+logits are projected (`project_logits`: kept columns, or the max within each group) before accuracy
+and ECE, so the softmax of the ECE runs over that set's own classes (robust_finetuning.md §3.1-3.2).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from reprolab.data.datasets.imagenet import project_logits
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ class ClassificationMethod(L.LightningModule):
         classnames: class names in label order.
         templates: prompt templates with `{}` for the class name.
         test_sets: names of the data module's test sets, in dataloader order.
+        test_index_groups: per test set, None (labelled like `classnames`) or, per class of that
+            set, the indices into `classnames` it covers (the data module's `test_index_groups`).
         num_groups: number of groups when the data emits `group` (worst-group accuracy).
         ece_bins: equal-width confidence bins for ECE.
         optimizer: partial optimizer factory (`torch.optim.AdamW` with its kwargs).
@@ -69,6 +77,7 @@ class ClassificationMethod(L.LightningModule):
         classnames: list[str],
         templates: list[str],
         test_sets: list[str] | None = None,
+        test_index_groups: dict[str, list[list[int]] | None] | None = None,
         num_groups: int | None = None,
         ece_bins: int = 15,
         optimizer: OptimFactory | None = None,
@@ -76,7 +85,10 @@ class ClassificationMethod(L.LightningModule):
         post_hoc: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        # index groups are derived from the data config (up to 1000 ints): kept out of hparams
+        self.save_hyperparameters(
+            ignore=["backbone", "optimizer", "scheduler", "test_index_groups"]
+        )
         self.name = name
         if backbone is not None:  # black-box methods pass None and keep only a query oracle
             self.backbone = backbone.requires_grad_(self.train_backbone)
@@ -86,18 +98,21 @@ class ClassificationMethod(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         c = len(self.classnames)
+        self.test_index_groups = _index_groups(self.test_sets, test_index_groups, c)
 
-        def collection() -> MetricCollection:
+        def collection(k: int) -> MetricCollection:
             metrics: dict[str, Metric] = {
-                "acc": MulticlassAccuracy(c, average="micro"),
-                "ece": MulticlassCalibrationError(c, n_bins=ece_bins, norm="l1"),
+                "acc": MulticlassAccuracy(k, average="micro"),
+                "ece": MulticlassCalibrationError(k, n_bins=ece_bins, norm="l1"),
             }
             if num_groups:
                 metrics["worst_group_acc"] = GroupAccuracy(num_groups)
             return MetricCollection(metrics)
 
-        self.val_metrics = collection()
-        self.test_metrics = nn.ModuleList(collection() for _ in self.test_sets)
+        self.val_metrics = collection(c)
+        self.test_metrics = nn.ModuleList(
+            collection(c if g is None else len(g)) for g in self.test_index_groups
+        )
 
     def train(self, mode: bool = True) -> ClassificationMethod:
         super().train(mode)
@@ -127,8 +142,13 @@ class ClassificationMethod(L.LightningModule):
         return self.logits(images)
 
     @torch.no_grad()
-    def _update(self, metrics: MetricCollection, batch: dict[str, Tensor]) -> None:
-        logits = self.eval_logits(batch["image"]).float()
+    def _update(
+        self,
+        metrics: MetricCollection,
+        batch: dict[str, Tensor],
+        index_groups: list[list[int]] | None = None,
+    ) -> None:
+        logits = project_logits(self.eval_logits(batch["image"]).float(), index_groups)
         labels = batch["label"]
         for key, metric in metrics.items():
             if key == "worst_group_acc":
@@ -146,11 +166,13 @@ class ClassificationMethod(L.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(self.test_metrics[dataloader_idx], batch)
+        self._update(
+            self.test_metrics[dataloader_idx], batch, self.test_index_groups[dataloader_idx]
+        )
 
     def on_test_epoch_end(self) -> None:
         out: dict[str, float] = {}
-        for i, (name, metrics) in enumerate(zip(self.test_sets, self.test_metrics)):
+        for i, (name, metrics) in enumerate(zip(self.test_sets, self.test_metrics, strict=True)):
             values = _to_log(metrics.compute(), f"test/{name}")
             out.update(values)
             if i == 0:
@@ -174,6 +196,29 @@ class ClassificationMethod(L.LightningModule):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         log.info("%s: %d trainable / %d frozen parameters", self.name, trainable, frozen)
+
+
+def _index_groups(
+    test_sets: list[str], groups: dict[str, list[list[int]] | None] | None, num_classes: int
+) -> list[list[list[int]] | None]:
+    """Index groups in test-set order, checked against the test sets and the class count."""
+    groups = dict(groups or {})
+    unknown = sorted(set(groups) - set(test_sets))
+    if unknown:
+        raise ValueError(f"test_index_groups names {unknown}, which are not test sets {test_sets}")
+    out = []
+    for name in test_sets:
+        g = groups.get(name)
+        if g is not None:
+            g = [[int(i) for i in group] for group in g]
+            bad = sorted({i for group in g for i in group if not 0 <= i < num_classes})
+            if bad or not all(g):
+                raise ValueError(
+                    f"test set {name}: index groups must be non-empty lists of indices into the "
+                    f"{num_classes} classes (got {bad[:5] or 'an empty group'})"
+                )
+        out.append(g)
+    return out
 
 
 def _to_log(values: dict[str, Tensor], prefix: str) -> dict[str, float]:

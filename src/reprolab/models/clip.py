@@ -81,8 +81,11 @@ class CLIPBackbone(nn.Module):
         self._head_cache: dict[tuple, Tensor] = {}
         log.info(
             "Backbone %s (%s, %s): %.1fM frozen parameters, input %s",
-            name, arch, pretrained or "random init",
-            sum(p.numel() for p in self.model.parameters()) / 1e6, self.preprocess,
+            name,
+            arch,
+            pretrained or "random init",
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            self.preprocess,
         )
 
     def train(self, mode: bool = True) -> CLIPBackbone:
@@ -95,9 +98,11 @@ class CLIPBackbone(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1]) if hasattr(
-            self.model, "text_projection"
-        ) and self.model.text_projection is not None else int(self.model.visual.output_dim)
+        return (
+            int(self.model.text_projection.shape[-1])
+            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
+            else int(self.model.visual.output_dim)
+        )
 
     def encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images)  # (B, D)

@@ -28,8 +28,14 @@ def wandb_mode() -> str:
 
 
 def wandb_logger(
-    run_dir: str, project: str, group: str, name: str, tags: list[str], job_type: str = "train",
-    entity: str | None = None, config: dict[str, Any] | None = None,
+    run_dir: str,
+    project: str,
+    group: str,
+    name: str,
+    tags: list[str],
+    job_type: str = "train",
+    entity: str | None = None,
+    config: dict[str, Any] | None = None,
 ):
     """A WandbLogger whose run id is kept in `<run_dir>/wandb_id.txt`, so a requeued job resumes it."""
     from lightning.pytorch.loggers import WandbLogger
@@ -46,8 +52,17 @@ def wandb_logger(
     mode = wandb_mode()
     log.info("W&B run %s (%s mode), group %s", run_id, mode, group)
     return WandbLogger(
-        project=project, entity=entity, group=group, name=name, tags=list(tags), id=run_id,
-        resume="allow", save_dir=str(run_path), job_type=job_type, mode=mode,
-        offline=mode == "offline", config=config,
+        project=project,
+        entity=entity,
+        group=group,
+        name=name,
+        tags=list(tags),
+        id=run_id,
+        resume="allow",
+        save_dir=str(run_path),
+        job_type=job_type,
+        mode=mode,
+        offline=mode == "offline",
+        config=config,
         settings={"silent": True, "init_timeout": 60} if mode != "disabled" else None,
     )

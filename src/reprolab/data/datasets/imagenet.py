@@ -21,6 +21,11 @@ keeping the 200 columns and on ObjectNet by the max over each class's 1-3 column
 `get_spec("imagenet", shift_sets=[...])` adds the shift sets as extra test sets (labels in their own
 space; `spec.test_index_groups[name]` says how to project the 1000-way logits). A shift set on its own
 (`data=imagenet_r`) trains/validates on the ImageNet images of its classes, relabelled.
+
+ObjectNet's classes (folders, names, ImageNet index groups) ship with no file of ours: they are
+derived from the release's own `objectnet-1.0/mappings/` when the spec is checked or loaded
+(`resolve_objectnet_mappings`, robust_finetuning.md §3.1). Until then the spec knows only that
+there are 113 classes; its class names are placeholders and its index groups are unknown.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from reprolab.data import sources
 from reprolab.data.datasets._common import LocalSpec, Step, assets, templates_for
 from reprolab.data.sources import Item
-from reprolab.data.spec import ImageSplit, get_spec, read_lines, register
+from reprolab.data.spec import ImageSplit, get_spec, register
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +67,13 @@ def subset_indices(name: str) -> list[int]:
     return sorted(idx[w] for w in assets(name, "wnids.txt"))
 
 
-@dataclass(frozen=True)
-class ObjectNetClass:
-    folder: str
-    name: str
-    wnids: tuple[str, ...]
-    imagenet_names: str
-
-
-@cache
-def objectnet_classes() -> tuple[ObjectNetClass, ...]:
-    """The 113 ObjectNet classes that overlap ImageNet, sorted by folder (= label order)."""
-    rows = [r for r in read_lines("objectnet/classes.tsv") if not r.startswith("#")]
-    out = []
-    for r in rows:
-        folder, name, wnids, names = r.split("\t")
-        out.append(ObjectNetClass(folder, name, tuple(wnids.split(",")), names))
-    if [c.folder for c in out] != sorted(c.folder for c in out):
-        raise ValueError("assets/objectnet/classes.tsv must be sorted by folder")
-    return tuple(out)
-
-
-def objectnet_index_groups() -> list[list[int]]:
-    idx = wnid_index()
-    return [[idx[w] for w in c.wnids] for c in objectnet_classes()]
+OBJECTNET_NUM_CLASSES = 113  # robust_finetuning.md §3.1: 113 of the 313 folders overlap ImageNet
+OBJECTNET_MAPPING_FILES = (
+    "folder_to_objectnet_label.json",
+    "objectnet_to_imagenet_1k.json",
+    "imagenet_to_label_2012_v2",
+    "pytorch_to_imagenet_2012_id.json",
+)
 
 
 def resolve_objectnet_mappings(mappings: str | Path) -> list[tuple[str, str, list[int]]]:
@@ -106,10 +94,24 @@ def resolve_objectnet_mappings(mappings: str | Path) -> list[tuple[str, str, lis
     }
     lines = (m / "imagenet_to_label_2012_v2").read_text(encoding="utf-8").splitlines()
     name_to_torch = {
-        line.strip(): id2012_to_torch[k] for k, line in enumerate(lines) if line.strip()
+        line.strip(): id2012_to_torch[k]
+        for k, line in enumerate(lines)
+        if line.strip() and k in id2012_to_torch
     }
     out = []
     for name, names in to_imagenet.items():
+        if name not in name_to_folder:
+            raise sources.CountMismatchError(
+                f"objectnet: {name!r} of objectnet_to_imagenet_1k.json has no folder in "
+                f"{m / 'folder_to_objectnet_label.json'} (incomplete or mismatched mappings/)"
+            )
+        unknown = [n for n in names.split("; ") if n not in name_to_torch]
+        if unknown:
+            raise sources.CountMismatchError(
+                f"objectnet: ImageNet class names {unknown} (for {name!r}) are not lines of "
+                f"{m / 'imagenet_to_label_2012_v2'} with a PyTorch index in "
+                "pytorch_to_imagenet_2012_id.json (incomplete or mismatched mappings/)"
+            )
         out.append((name_to_folder[name], name, [name_to_torch[n] for n in names.split("; ")]))
     return sorted(out)
 
@@ -138,6 +140,8 @@ class ImageNetSpec(LocalSpec):
     shift_sets: list[str] = field(default_factory=list)
     templates_kind: str = "single"
 
+    _shift_specs: dict[str, ShiftSpec] = field(default_factory=dict, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         unknown = set(self.shift_sets) - set(SHIFT_SETS)
         if unknown:
@@ -145,13 +149,37 @@ class ImageNetSpec(LocalSpec):
                 f"imagenet: unknown shift sets {sorted(unknown)}; choose from {SHIFT_SETS}"
             )
         self.test_sets = ["test", *self.shift_sets]
+        self._shift_specs = {s: get_spec(s) for s in self.shift_sets}
 
     @property
     def test_index_groups(self) -> dict[str, list[list[int]] | None]:
+        """Per test set, the ImageNet indices of each of its classes (None: the 1000 classes).
+
+        ObjectNet's groups come from its data folder, so `check(root)` must have run first.
+        """
         out: dict[str, list[list[int]] | None] = {"test": None}
-        for s in self.shift_sets:
-            out[s] = get_spec(s).index_groups
+        for name, spec in self._shift_specs.items():
+            if isinstance(spec, ObjectNetSpec) and not spec.resolved:
+                raise RuntimeError(
+                    "imagenet: ObjectNet's ImageNet index groups are read from its release's "
+                    "objectnet-1.0/mappings/; call spec.check(root) before test_index_groups."
+                )
+            out[name] = spec.index_groups
         return out
+
+    def check(self, root: Path | str) -> None:
+        """ImageNet, then every shift set (so a missing one fails before any model is built)."""
+        super().check(root)
+        for spec in self._shift_specs.values():
+            spec.check(root)
+
+    def prepare(self, root: Path | str) -> None:
+        """ImageNet, then each shift set (a missing shift set must not re-run ImageNet's steps)."""
+        if not self._shift_specs:
+            return super().prepare(root)
+        imagenet(templates=self.templates_kind).prepare(root)
+        for spec in self._shift_specs.values():
+            spec.prepare(root)
 
     def required(self, root: Path) -> list[Path]:
         d = self.dataset_dir(root)
@@ -184,8 +212,8 @@ class ImageNetSpec(LocalSpec):
         return self.dataset_dir(root) / "images"
 
     def load(self, root: Path | str, split: str) -> ImageSplit:
-        if split in self.shift_sets:
-            return get_spec(split).load(root, "test")
+        if split in self._shift_specs:
+            return self._shift_specs[split].load(root, "test")
         return super().load(root, split)
 
 
@@ -276,26 +304,56 @@ class ImageNetV2Spec(ShiftSpec):
 
 @dataclass
 class ObjectNetSpec(ShiftSpec):
-    def test_items(self, root: Path) -> list[Item]:
-        self.check_mappings(root)
-        folders = [c.folder for c in objectnet_classes()]
-        return sources.imagefolder_items(self.image_base(root), folders, self.classnames)
+    """ObjectNet's 113 ImageNet-overlap classes, derived from the release's own `mappings/` folder.
 
-    def check_mappings(self, root: Path) -> None:
-        """If the release's mappings/ folder is there, it must agree with assets/objectnet/classes.tsv."""
-        m = self.dataset_dir(root) / "objectnet-1.0" / "mappings"
-        if not (m / "objectnet_to_imagenet_1k.json").is_file():
+    Before `check(root)` only the class count is known: `classnames` holds placeholders and
+    `index_groups` is None. `check` resolves the mappings and fills both in place (sorted by folder,
+    the label order), so a data module that checks before a method copies the names hands over the
+    real ones. Class names are the ObjectNet names lower-cased (the clip-benchmark convention).
+    """
+
+    folders: list[str] = field(default_factory=list)  # the mapped image folders, in label order
+    _resolved_from: Path | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def resolved(self) -> bool:
+        return self._resolved_from is not None
+
+    def mappings_dir(self, root: Path | str) -> Path:
+        return self.dataset_dir(root) / "objectnet-1.0" / "mappings"
+
+    def required(self, root: Path) -> list[Path]:
+        m = self.mappings_dir(root)
+        return [self.image_base(root), m, *(m / f for f in OBJECTNET_MAPPING_FILES)]
+
+    def check(self, root: Path | str) -> None:
+        super().check(root)
+        self.resolve_mappings(Path(root))
+
+    def resolve_mappings(self, root: Path) -> None:
+        """Folders, names and ImageNet index groups from `<dataset dir>/objectnet-1.0/mappings/`."""
+        m = self.mappings_dir(root).resolve()
+        if self._resolved_from == m:
             return
-        ours = [
-            (c.folder, c.name, g)
-            for c, g in zip(objectnet_classes(), self.index_groups or [], strict=True)
-        ]
-        theirs = resolve_objectnet_mappings(m)
-        if ours != theirs:
+        rows = resolve_objectnet_mappings(m)
+        if len(rows) != len(self.classnames):
             raise sources.CountMismatchError(
-                f"objectnet: {m} disagrees with assets/objectnet/classes.tsv "
-                f"({len(theirs)} vs {len(ours)} classes)"
+                f"objectnet: {m} maps {len(rows)} ObjectNet classes to ImageNet, expected "
+                f"{len(self.classnames)} (is this the ObjectNet 1.0 release's mappings/ folder?)"
             )
+        self.folders = [folder for folder, _, _ in rows]
+        self.classnames[:] = [name.lower() for _, name, _ in rows]
+        self.index_groups = [groups for _, _, groups in rows]
+        self._cache.clear()
+        self._resolved_from = m
+        log.debug("objectnet: %d classes from %s", len(rows), m)
+
+    def load(self, root: Path | str, split: str) -> ImageSplit:
+        self.check(root)  # train/val relabel ImageNet with the groups, which need the mappings
+        return super().load(root, split)
+
+    def test_items(self, root: Path) -> list[Item]:
+        return sources.imagefolder_items(self.image_base(root), self.folders, self.classnames)
 
 
 @register("imagenet_v2")
@@ -400,14 +458,17 @@ def imagenet_r(templates: str = "single") -> WnidFolderShift:
 def objectnet(templates: str = "single") -> ObjectNetSpec:
     return ObjectNetSpec(
         name="objectnet",
-        classnames=assets("objectnet", "classnames.txt"),
+        # Names are known once the release's mappings/ is read (ObjectNetSpec.check).
+        classnames=[
+            f"objectnet class {k} (unknown until prepared)" for k in range(OBJECTNET_NUM_CLASSES)
+        ],
         templates=templates_for("imagenet", templates),
         source="ObjectNet 1.0 (objectnet.dev, licence: manual), 113 ImageNet-overlap classes",
         folder="objectnet",
         image_dir="objectnet-1.0/images",
-        index_groups=objectnet_index_groups(),
         expected={"test": None},
-        size_note="test ~18,574 (locuslab/FLYP issue #7, not verified); train/val: ImageNet's",
+        size_note="test ~18,574 (locuslab/FLYP issue #7, not verified); train/val: ImageNet's; "
+        "class names and ImageNet groups are read from objectnet-1.0/mappings/ once prepared",
         disk="~183 GB",
         crop=2,
         manual="""ObjectNet's licence must be accepted by hand: download objectnet-1.0.zip from https://objectnet.dev

@@ -10,10 +10,9 @@ from typing import Any
 
 from torch import Tensor
 
-from reprolab.models.clip import Preprocess
-
 from reprolab.methods.prompting.prompters import FrameProgram, focal_loss
 from reprolab.methods.prompting.zeroth_order import ZerothOrderPrompting
+from reprolab.models.clip import Preprocess
 from reprolab.optim.rgf import RGF
 
 
@@ -43,14 +42,16 @@ class BAR(ZerothOrderPrompting):
     ) -> None:
         super().__init__(*args, **kwargs)
         pre = self.preprocess
-        self.prompter = FrameProgram(pre.image_size, _inner_size(pre.image_size, input_size),
-                                     pre.mean, pre.std)
+        self.prompter = FrameProgram(
+            pre.image_size, _inner_size(pre.image_size, input_size), pre.mean, pre.std
+        )
         self.focal_gamma = focal_gamma
         self._rgf_kwargs = dict(rgf or {})
         self._total_steps = total_steps
         self._seed = seed
-        self.optimizer = RGF(self.prompter.parameters(), total_steps=total_steps or 1,
-                             seed=seed, **self._rgf_kwargs)
+        self.optimizer = RGF(
+            self.prompter.parameters(), total_steps=total_steps or 1, seed=seed, **self._rgf_kwargs
+        )
 
     @staticmethod
     def input_preprocess(preprocess: Preprocess, cfg: Any) -> Preprocess:
@@ -71,8 +72,9 @@ class BAR(ZerothOrderPrompting):
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         r, b, c = logits.shape
-        per = focal_loss(logits.reshape(r * b, c), labels.repeat(r), gamma=self.focal_gamma,
-                         reduction="none")
+        per = focal_loss(
+            logits.reshape(r * b, c), labels.repeat(r), gamma=self.focal_gamma, reduction="none"
+        )
         return per.view(r, b).mean(dim=1)
 
 

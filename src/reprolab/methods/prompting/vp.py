@@ -85,7 +85,8 @@ class VP(ClassificationMethod):
 
     def setup(self, stage: str) -> None:
         self.register_buffer(
-            "head", self.backbone.zeroshot_weights(self.classnames, self.templates),
+            "head",
+            self.backbone.zeroshot_weights(self.classnames, self.templates),
             persistent=False,
         )
 
@@ -108,7 +109,11 @@ class VP(ClassificationMethod):
         return 0.5 * (1 + math.cos(math.pi * (epoch - w) / span))
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.prompter.parameters(), lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            self.prompter.parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

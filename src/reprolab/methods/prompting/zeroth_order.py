@@ -97,8 +97,11 @@ class ZerothOrderPrompting(ClassificationMethod):
             with torch.no_grad():
                 self.optimizer.step(batched if self.batched else one, batched=self.batched)
         except QueryBudgetExceeded as e:
-            log.info("Query budget reached after %d images: stopping training (%s)",
-                     self.oracle.images, e)
+            log.info(
+                "Query budget reached after %d images: stopping training (%s)",
+                self.oracle.images,
+                e,
+            )
             self.budget_exhausted = True
             self.trainer.should_stop = True
             return
@@ -132,10 +135,16 @@ class ZerothOrderPrompting(ClassificationMethod):
             self.oracle.budget = saved
 
     def extra_metrics(self) -> dict[str, float]:
-        usage = self._train_usage if self._train_usage["queries"] else {
-            "queries": self.oracle.queries, "images": self.oracle.images}
-        return {"train/queries": float(usage["queries"]), "train/images": float(usage["images"]),
-                "train/queries_per_step": float(self.optimizer.queries_per_step)}
+        usage = (
+            self._train_usage
+            if self._train_usage["queries"]
+            else {"queries": self.oracle.queries, "images": self.oracle.images}
+        )
+        return {
+            "train/queries": float(usage["queries"]),
+            "train/images": float(usage["images"]),
+            "train/queries_per_step": float(self.optimizer.queries_per_step),
+        }
 
     # -- resume -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
