@@ -177,7 +177,17 @@ def _create_timm(
             "dino_resnet50_pretrain.pth (torchvision ResNet-50 keys), or pretrained=false for a "
             "random encoder."
         )
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+    except Exception as e:  # offline hub, missing cache, ...
+        if not pretrained:
+            raise
+        raise FileNotFoundError(
+            f"Could not load the pretrained Coordinator encoder timm '{name}' ({type(e).__name__}). "
+            "On a machine with internet run `python scripts/download_weights.py --coordinator` "
+            "(fills the Hugging Face cache), or set method.coordinator.checkpoint_path to a local "
+            "weights file, or method.coordinator.pretrained=false for a random frozen encoder."
+        ) from e
 
 
 def build_encoder(

@@ -1,0 +1,83 @@
+"""Fill the weight caches ahead of a run (compute nodes often have no internet).
+
+    python scripts/download_weights.py ViT-B-16 openai          # an open_clip backbone
+    python scripts/download_weights.py --model clip_vit_b16     # the same, by model config name
+    python scripts/download_weights.py --coordinator            # BlackVIP's MAE ViT-B/16 encoder (timm)
+    python scripts/download_weights.py --all                    # every model config + the coordinator
+
+open_clip caches under `--cache-dir` (the `WEIGHTS_ROOT` the configs read) or its default; timm
+weights go to the Hugging Face cache (`HF_HOME`). Then runs with HF_HUB_OFFLINE=1 find them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+COORDINATOR_ENCODERS = ["vit_base_patch16_224.mae", "vit_base_patch16_224.orig_in21k"]
+
+
+def fetch_clip(arch: str, tag: str, cache_dir: str | None) -> None:
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        sys.exit(f"Unknown tag {arch}/{tag}; available: {open_clip.list_pretrained_tags_by_model(arch)}")
+    path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    print(f"{arch}/{tag}: {path}")
+
+
+def fetch_coordinator() -> None:
+    import timm
+
+    for name in COORDINATOR_ENCODERS:
+        timm.create_model(name, pretrained=True, num_classes=0)
+        print(f"timm {name}: cached")
+
+
+def model_configs() -> dict[str, tuple[str, str]]:
+    out = {}
+    for p in sorted((ROOT / "configs" / "model").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+        tag = cfg.get("pretrained")
+        if isinstance(tag, str) and "/" not in tag and "$" not in tag:
+            out[p.stem] = (cfg["arch"], tag)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("arch", nargs="?")
+    p.add_argument("tag", nargs="?")
+    p.add_argument("--model", help="a configs/model name, e.g. clip_vit_b16")
+    p.add_argument("--coordinator", action="store_true", help="BlackVIP's timm encoders")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--cache-dir", default=os.environ.get("WEIGHTS_ROOT"))
+    args = p.parse_args(argv)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        sys.exit("HF_HUB_OFFLINE=1: unset it to download (this script needs the network).")
+    known = model_configs()
+    todo = []
+    if args.arch:
+        todo.append((args.arch, args.tag or "openai"))
+    if args.model:
+        if args.model not in known:
+            sys.exit(f"Unknown model config '{args.model}'; available: {', '.join(known)}")
+        todo.append(known[args.model])
+    if args.all:
+        todo.extend(known.values())
+    for arch, tag in todo:
+        fetch_clip(arch, tag, args.cache_dir)
+    if args.coordinator or args.all:
+        fetch_coordinator()
+    if not todo and not (args.coordinator or args.all):
+        p.print_help()
+
+
+if __name__ == "__main__":
+    main()
