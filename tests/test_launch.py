@@ -14,7 +14,11 @@ def _launch(log_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, LOG_ROOT=str(log_dir))
     return subprocess.run(
         [sys.executable, "train.py", "-m", "table=reprolab_smoke", "logger=csv", *extra],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -37,9 +41,20 @@ def test_relaunched_table_runs_only_unfinished_cells(tmp_path: Path) -> None:
     assert "already finished" in out.stderr + out.stdout
 
     res = subprocess.run(
-        [sys.executable, "scripts/aggregate.py", "reprolab_smoke", "--from", str(logs),
-         "--out", str(tmp_path / "results"), "--no-plot"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "scripts/aggregate.py",
+            "reprolab_smoke",
+            "--from",
+            str(logs),
+            "--out",
+            str(tmp_path / "results"),
+            "--no-plot",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "results" / "reprolab" / "smoke.md").read_text()

@@ -19,15 +19,20 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from reprolab.optim.schedules import poly_decay_lr
-from reprolab.optim.spsa import LossFn, allreduce_mean, as_param_list, evaluate_rows
+from reprolab.optim.spsa import (
+    FlatParameterOptimizer,
+    LossFn,
+    allreduce_mean,
+    as_param_list,
+    evaluate_rows,
+)
 
 __all__ = ["RGF"]
 
 
-class RGF:
+class RGF(FlatParameterOptimizer):
     """BAR's one-sided randomised gradient-free optimiser on a flat parameter vector.
 
     Args:
@@ -71,11 +76,6 @@ class RGF:
         self.stats: dict[str, float] = {}
 
     @property
-    def num_params(self) -> int:
-        """d, the length of the flat parameter vector (masked-out entries included)."""
-        return sum(p.numel() for p in self.params)
-
-    @property
     def queries_per_step(self) -> int:
         """Loss evaluations (black-box calls) per step: q + 1."""
         return self.n_dirs + 1
@@ -86,16 +86,6 @@ class RGF:
         return poly_decay_lr(
             t, self.total_steps, self.lr0, self.lr_min, self.power, self.decay_frac
         )
-
-    def flat(self) -> Tensor:
-        """The current parameters as one vector."""
-        with torch.no_grad():
-            return parameters_to_vector(self.params).detach().clone()  # (d,)
-
-    def write(self, vec: Tensor) -> None:
-        """Overwrite the parameters with ``vec`` (d,)."""
-        with torch.no_grad():
-            vector_to_parameters(vec.detach().clone(), self.params)
 
     def sample_directions(self) -> Tensor:
         """q Gaussian directions normalised to unit L2 norm, from the dedicated generator.  # (q, d)"""

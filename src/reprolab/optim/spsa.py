@@ -33,7 +33,14 @@ from reprolab.optim.schedules import spsa_gains
 PerturbKind = Literal["segmented_uniform", "rademacher"]
 LossFn = Callable[[Tensor], Tensor]
 
-__all__ = ["SPSA", "LossFn", "allreduce_mean", "as_param_list", "evaluate_rows"]
+__all__ = [
+    "SPSA",
+    "FlatParameterOptimizer",
+    "LossFn",
+    "allreduce_mean",
+    "as_param_list",
+    "evaluate_rows",
+]
 
 
 def allreduce_mean(t: Tensor) -> Tensor:
@@ -81,7 +88,29 @@ def evaluate_rows(loss_fn: LossFn, thetas: Tensor, batched: bool) -> Tensor:
     return losses.detach().to(thetas.dtype)
 
 
-class SPSA:
+class FlatParameterOptimizer:
+    """What SPSA and RGF share: a list of tensors seen as one flat vector (`parameters_to_vector`
+    order), read with `flat` and written back in place with `write`."""
+
+    params: list[Tensor]
+
+    @property
+    def num_params(self) -> int:
+        """Length of the flat parameter vector."""
+        return sum(p.numel() for p in self.params)
+
+    def flat(self) -> Tensor:
+        """The current parameters as one vector."""
+        with torch.no_grad():
+            return parameters_to_vector(self.params).detach().clone()  # (N,)
+
+    def write(self, vec: Tensor) -> None:
+        """Overwrite the parameters with ``vec`` (N,)."""
+        with torch.no_grad():
+            vector_to_parameters(vec.detach().clone(), self.params)
+
+
+class SPSA(FlatParameterOptimizer):
     """SPSA / SPSA-GC on a flat parameter vector (spec §3).
 
     Example:
@@ -138,24 +167,9 @@ class SPSA:
         self.stats: dict[str, float] = {}
 
     @property
-    def num_params(self) -> int:
-        """N, the length of the flat parameter vector."""
-        return sum(p.numel() for p in self.params)
-
-    @property
     def queries_per_step(self) -> int:
         """Loss evaluations (black-box calls) per step: 2q."""
         return 2 * self.n_perturb
-
-    def flat(self) -> Tensor:
-        """The current parameters as one vector."""
-        with torch.no_grad():
-            return parameters_to_vector(self.params).detach().clone()  # (N,)
-
-    def write(self, vec: Tensor) -> None:
-        """Overwrite the parameters with ``vec`` (N,)."""
-        with torch.no_grad():
-            vector_to_parameters(vec.detach().clone(), self.params)
 
     def gains(self, k: int | None = None) -> tuple[float, float]:
         """(a_k, c_k) at step ``k`` (default: the next step)."""

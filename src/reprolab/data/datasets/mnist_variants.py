@@ -27,6 +27,7 @@ from PIL import Image
 
 from reprolab.data import sources
 from reprolab.data.datasets._common import SplitFileSpec, assets, templates_for
+from reprolab.data.datasets.synthetic import BIAS_COLORS
 from reprolab.data.sources import Item
 from reprolab.data.spec import register
 
@@ -36,19 +37,8 @@ CANVAS = 224
 DIGIT = 28
 SEED = 1
 
-# Background colour of each class (spec §6.3, from ReBias' colour-biased MNIST).
-COLOURS: tuple[tuple[int, int, int], ...] = (
-    (255, 0, 0),
-    (0, 255, 0),
-    (0, 0, 255),
-    (225, 225, 0),
-    (225, 0, 225),
-    (0, 255, 255),
-    (255, 128, 0),
-    (255, 0, 128),
-    (128, 0, 255),
-    (128, 128, 128),
-)
+# Background colour of each class (spec §6.3): the same list the synthetic task uses.
+COLOURS = BIAS_COLORS
 
 
 # ------------------------------------------------------------------------------------------------
