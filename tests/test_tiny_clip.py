@@ -35,7 +35,8 @@ def test_registered_with_open_clip() -> None:
     tiny_clip.register()
     assert tiny_clip.TINY_CLIP_ARCH in open_clip.list_models()
     m = open_clip.create_model(tiny_clip.TINY_CLIP_ARCH)
-    assert m.visual.image_size == (64, 64)
+    assert tiny_clip.preprocess_info()["image_size"] == 64
+    assert m.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, 128)
     assert open_clip.get_tokenizer(tiny_clip.TINY_CLIP_ARCH)(["a photo of a star."]).shape == (
         1,
         32,
@@ -68,7 +69,7 @@ def test_pack_roundtrip() -> None:
     emb = unpacked["token_embedding.weight"]
     assert torch.allclose(emb[keep], sd["token_embedding.weight"][keep], atol=1e-3)
     assert emb[1].abs().sum() == 0
-    assert torch.allclose(unpacked["visual.proj"], sd["visual.proj"], atol=1e-3)
+    assert torch.allclose(unpacked["text_projection"], sd["text_projection"], atol=1e-3)
 
 
 def test_plain_open_clip_path_matches_packed_loader(model: torch.nn.Module, tmp_path: Path) -> None:
