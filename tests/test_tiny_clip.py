@@ -84,14 +84,24 @@ def test_plain_open_clip_path_matches_packed_loader(model: torch.nn.Module, tmp_
     assert tiny_clip.resolve_checkpoint(plain) == plain  # plain checkpoints pass through
 
 
-def test_zeroshot_shapes_far_above_chance(model: torch.nn.Module) -> None:
-    spec = get_spec("shapes")
+@pytest.mark.parametrize(
+    "name,kwargs,minimum",
+    [
+        # Measured with the committed weights (MODEL_CARD.md): 97.7 / 91.7 on the full test sets.
+        ("shapes", {}, 80.0),
+        ("biased_digits", {"rho": 0.9}, 70.0),
+    ],
+)
+def test_zeroshot_far_above_chance(
+    model: torch.nn.Module, name: str, kwargs: dict, minimum: float
+) -> None:
+    spec = get_spec(name, **kwargs)
     data = spec.load(None, "test").subset(range(300))
     feats, labels = tiny_clip.encode_split(model, data)
     head = tiny_clip.zeroshot_head(model, spec.classnames, spec.templates)
     acc = float(((feats @ head.t()).argmax(-1) == labels).float().mean() * 100)
     chance = 100 / len(spec.classnames)
-    assert acc > 5 * chance, f"zero-shot shapes {acc:.1f}% (chance {chance:.0f}%)"
+    assert acc > minimum > 5 * chance, f"zero-shot {name} {acc:.1f}% (chance {chance:.0f}%)"
 
 
 def test_linear_probe_beats_zeroshot_on_loc_digits(model: torch.nn.Module) -> None:
@@ -101,7 +111,8 @@ def test_linear_probe_beats_zeroshot_on_loc_digits(model: torch.nn.Module) -> No
     head = tiny_clip.zeroshot_head(model, spec.classnames, spec.templates)
     zs = float(((xte @ head.t()).argmax(-1) == yte).float().mean() * 100)
     probe = tiny_clip.linear_probe_accuracy(xtr, ytr, xte, yte)
-    assert probe > zs + 5, f"linear probe {probe:.1f}% vs zero-shot {zs:.1f}%"
+    # Measured: zero-shot 9.4% (it reads the centre digit), probe 30.0%.
+    assert probe > zs + 10, f"linear probe {probe:.1f}% vs zero-shot {zs:.1f}%"
 
 
 def test_pretraining_is_deterministic_and_resumable(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ These are the offline stand-ins that let every method run on a CPU with `tiny_cl
   class in the exact centre (`fake_scale` 1 → 1:1, 4 → 1:4), label = the real digit.
 - `biased_digits`: Colour-Biased MNIST (spec §6.3, from ReBias): one background colour per class,
   a fraction `rho` of each class's train images in its own colour, tested at `rho_test`.
-- `group_shapes`: a Waterbirds-like group shift: circle vs square, the background texture (striped vs
-  checkered) agrees with the label in `train_agreement` of the train images, independent in val/test.
+- `group_shapes`: a Waterbirds-like group shift: small circle vs hexagon (the pair tiny_clip finds
+  hardest, ~83% zero-shot), the background texture (striped vs checkered) agrees with the label in
+  `train_agreement` of the train images and is independent of it in val/test.
 
 Digits come from the held-out pool for val/test and from the pretraining pool for train, so test
 images never contain a digit `tiny_clip` saw while pretraining. Every split is a deterministic function
@@ -365,7 +366,7 @@ class GroupShapesSpec(SyntheticSpec):
 def group_shapes(
     seed: int = 0, train_agreement: float = 0.95, image_size: int = world.IMAGE_SIZE
 ) -> GroupShapesSpec:
-    """Circle vs square; groups = 2 * label + background (0 striped, 1 checkered)."""
+    """Circle vs hexagon; groups = 2 * label + background (0 striped, 1 checkered)."""
     return GroupShapesSpec(
         name="group_shapes",
         classnames=read_lines("group_shapes/classnames.txt"),
