@@ -90,7 +90,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir)
     done = read_record(run_dir)
     if done is not None and cfg.get("skip_if_done", True):
-        log.info("%s/seed%s already finished (%s); skipping", cfg.cell, cfg.seed, run_dir)
+        log.info(
+            "%s/seed%s already finished (%s); skipping (skip_if_done=false reruns it)",
+            cfg.cell,
+            cfg.seed,
+            run_dir,
+        )
+        _print_summary(done, run_dir)
         return done
     validate_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for lg in loggers:
             if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
                 lg.experiment.summary.update({k: v for k, v in metrics.items()})
-        _print_summary(record)
+        _print_summary(record, run_dir)
         return record
     except BaseException as exc:
         write_failure(run_dir, record, exc)
@@ -193,7 +199,7 @@ def _wandb_id(run_dir: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def _print_summary(record: dict[str, Any]) -> None:
+def _print_summary(record: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -203,4 +209,4 @@ def _print_summary(record: dict[str, Any]) -> None:
     for k, v in record["metrics"].items():
         table.add_row(k, f"{v:.4f}" if "ece" in k else f"{v:.2f}")
     Console(stderr=False).print(table)
-    log.info("metrics.json written to %s", record.get("run_dir", ""))
+    log.info("Run record: %s", run_dir / METRICS_FILE)
