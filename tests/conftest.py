@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # measured faster than 2 for these tiny models on 2-core machines
+torch.set_num_threads(1)  # subprocesses and the other core stay free: no oversubscription on 2 cores
 
 
 @pytest.fixture
