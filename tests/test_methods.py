@@ -90,3 +90,19 @@ def test_query_budget_stops_training_cleanly(tiny_overrides: list[str]) -> None:
     assert record["metrics"]["train/images"] == 480
     assert record["global_step"] == 3
     assert "test/acc" in record["metrics"]
+
+
+def test_white_box_vp_lr_schedule_matches_the_official_one() -> None:
+    """Epoch 0 at warmup_min_lr, linear warmup lr*e/W, then cosine over the rest (spec §4.4)."""
+    import math
+
+    from reprolab.methods.prompting.vp import vp_lr_factor
+
+    def lr_at(e: int) -> float:
+        return 40.0 * vp_lr_factor(e, lr=40.0, warmup=100, warmup_min_lr=0.1, total=1000)
+
+    assert lr_at(0) == pytest.approx(0.1)
+    assert lr_at(50) == pytest.approx(20.0)
+    assert lr_at(100) == pytest.approx(40.0)
+    assert lr_at(550) == pytest.approx(40.0 * 0.5 * (1 + math.cos(math.pi * 450 / 900)))
+    assert lr_at(999) < 1e-2

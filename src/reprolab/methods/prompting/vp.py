@@ -100,13 +100,8 @@ class VP(ClassificationMethod):
 
     def lr_factor(self, epoch: int) -> float:
         """Multiplier of `lr` at `epoch` (0-based), official VPWB schedule."""
-        w, total = self.warmup_epochs, max(self.trainer.max_epochs or 1, 1) if self._trainer else 1
-        if w > 0 and epoch == 0:
-            return self.warmup_min_lr / self.lr
-        if epoch < w:
-            return epoch / w
-        span = max(total - w, 1)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - w) / span))
+        total = (self.trainer.max_epochs or 1) if self._trainer else 1
+        return vp_lr_factor(epoch, self.lr, self.warmup_epochs, self.warmup_min_lr, total)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(
@@ -117,3 +112,14 @@ class VP(ClassificationMethod):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def vp_lr_factor(epoch: int, lr: float, warmup: int, warmup_min_lr: float, total: int) -> float:
+    """Official VPWB per-epoch schedule as a multiplier of `lr`: epoch 0 at `warmup_min_lr`, then
+    linear warmup lr·e/W for e < W, then cosine over the remaining `total - W` epochs."""
+    if warmup > 0 and epoch == 0:
+        return warmup_min_lr / lr
+    if epoch < warmup:
+        return epoch / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / span))
