@@ -124,7 +124,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             num_groups=datamodule.num_groups,
         )
         loggers = _build_loggers(cfg)
-        wandb_used = any(type(lg).__name__ == "WandbLogger" for lg in loggers)
+        wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+        wandb_used = bool(wandb_loggers)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer: L.Trainer = hydra.utils.instantiate(
@@ -157,9 +158,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         write_json_atomic(run_dir / METRICS_FILE, record)
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
-        for lg in loggers:
-            if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
-                lg.experiment.summary.update({k: v for k, v in metrics.items()})
+        for lg in wandb_loggers:
+            lg.experiment.summary.update(metrics)
         _print_summary(record, run_dir)
         return record
     except BaseException as exc:

@@ -137,6 +137,11 @@ class ClassificationMethod(L.LightningModule):
     def logits(self, images: Tensor) -> Tensor:  # (B, C)
         raise NotImplementedError
 
+    def register_text_head(self) -> None:
+        """`self.head`: the backbone's zero-shot head for this task, moved with the module."""
+        head = self.backbone.zeroshot_weights(self.classnames, self.templates)  # (C, D)
+        self.register_buffer("head", head.to(self.device), persistent=False)
+
     def eval_logits(self, images: Tensor) -> Tensor:
         """Logits used for evaluation (methods with train/eval differences override this)."""
         return self.logits(images)
@@ -185,7 +190,9 @@ class ClassificationMethod(L.LightningModule):
         if not params:
             raise RuntimeError(f"{type(self).__name__}: nothing to train; set train=false.")
         if self.optimizer_factory is None:
-            raise RuntimeError(f"{type(self).__name__}: no optimizer configured (method.optimizer).")
+            raise RuntimeError(
+                f"{type(self).__name__}: no optimizer configured (method.optimizer)."
+            )
         opt = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return opt

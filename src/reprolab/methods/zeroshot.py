@@ -14,11 +14,7 @@ class ZeroShot(ClassificationMethod):
     """Logits = logit_scale · cos(image embedding, zero-shot text head)."""
 
     def setup(self, stage: str) -> None:
-        self.register_buffer(
-            "head",
-            self.backbone.zeroshot_weights(self.classnames, self.templates).to(self.device),
-            persistent=False,
-        )
+        self.register_text_head()
 
     def logits(self, images: Tensor) -> Tensor:
         return self.backbone.logits(images, self.head.to(images.device))  # (B, C)

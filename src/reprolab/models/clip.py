@@ -96,14 +96,6 @@ class CLIPBackbone(nn.Module):
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().clamp(max=100.0))
 
-    @property
-    def embed_dim(self) -> int:
-        return (
-            int(self.model.text_projection.shape[-1])
-            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
-            else int(self.model.visual.output_dim)
-        )
-
     def encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images)  # (B, D)
 

@@ -46,11 +46,9 @@ class BAR(ZerothOrderPrompting):
             pre.image_size, _inner_size(pre.image_size, input_size), pre.mean, pre.std
         )
         self.focal_gamma = focal_gamma
-        self._rgf_kwargs = dict(rgf or {})
         self._total_steps = total_steps
-        self._seed = seed
         self.optimizer = RGF(
-            self.prompter.parameters(), total_steps=total_steps or 1, seed=seed, **self._rgf_kwargs
+            self.prompter.parameters(), total_steps=total_steps or 1, seed=seed, **dict(rgf or {})
         )
 
     @staticmethod

@@ -84,11 +84,7 @@ class VP(ClassificationMethod):
         self.warmup_epochs, self.warmup_min_lr = warmup_epochs, warmup_min_lr
 
     def setup(self, stage: str) -> None:
-        self.register_buffer(
-            "head",
-            self.backbone.zeroshot_weights(self.classnames, self.templates),
-            persistent=False,
-        )
+        self.register_text_head()
 
     def logits(self, images: Tensor) -> Tensor:
         return self.backbone.logits(self.prompter(images), self.head.to(images.device))
