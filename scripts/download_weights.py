@@ -27,7 +27,9 @@ def fetch_clip(arch: str, tag: str, cache_dir: str | None) -> None:
 
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
-        sys.exit(f"Unknown tag {arch}/{tag}; available: {open_clip.list_pretrained_tags_by_model(arch)}")
+        sys.exit(
+            f"Unknown tag {arch}/{tag}; available: {open_clip.list_pretrained_tags_by_model(arch)}"
+        )
     path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     print(f"{arch}/{tag}: {path}")
 
@@ -51,7 +53,9 @@ def model_configs() -> dict[str, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("arch", nargs="?")
     p.add_argument("tag", nargs="?")
     p.add_argument("--model", help="a configs/model name, e.g. clip_vit_b16")

@@ -36,8 +36,10 @@ def build_transforms(pre: Preprocess, train: bool, augment: bool) -> T.Compose:
     interp = _INTERP[pre.interpolation]
     norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
     if train and augment:
-        geo = [T.RandomResizedCrop(pre.image_size, scale=(0.08, 1.0), interpolation=interp),
-               T.RandomHorizontalFlip()]
+        geo = [
+            T.RandomResizedCrop(pre.image_size, scale=(0.08, 1.0), interpolation=interp),
+            T.RandomHorizontalFlip(),
+        ]
     elif train:
         geo = [T.Resize((pre.image_size, pre.image_size), interpolation=interp)]
     else:
@@ -168,8 +170,13 @@ class ClassificationDataModule(L.LightningDataModule):
         for name in self.test_sets:
             self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
         sizes = {k: len(v) for k, v in self._splits.items()}
-        log.info("%s: %d classes, %s-shot, split sizes %s", self.name, len(self.classnames),
-                 self.num_shots, sizes)
+        log.info(
+            "%s: %d classes, %s-shot, split sizes %s",
+            self.name,
+            len(self.classnames),
+            self.num_shots,
+            sizes,
+        )
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(
