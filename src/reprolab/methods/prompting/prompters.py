@@ -122,14 +122,15 @@ class PadPrompter(nn.Module):
     """Bahng et al.'s padding prompt, added in normalised pixel space without clipping (spec §4.3).
 
     Four learnable strips: top and bottom 3 x pad x S, left and right 3 x (S - 2 pad) x pad; the centre
-    is zero. At S = 224, pad = 30 there are 69,840 parameters. Init N(0, 1).
+    is zero. At S = 224, pad = 30 there are 69,840 parameters. Init N(0, 1) as the official code.
 
     Args:
         image_size: S, side of the (square) model input.
         pad_size: Width of the strips.
+        init_std: standard deviation of the Gaussian init (1.0 = official; 0 starts at zero-shot).
     """
 
-    def __init__(self, image_size: int = 224, pad_size: int = 30) -> None:
+    def __init__(self, image_size: int = 224, pad_size: int = 30, init_std: float = 1.0) -> None:
         super().__init__()
         if not 0 < 2 * pad_size < image_size:
             raise ValueError(
@@ -142,6 +143,10 @@ class PadPrompter(nn.Module):
         self.pad_down = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
         self.pad_left = nn.Parameter(torch.randn(1, 3, self.base_size, pad_size))
         self.pad_right = nn.Parameter(torch.randn(1, 3, self.base_size, pad_size))
+        if init_std != 1.0:
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.mul_(init_std)
 
     @staticmethod
     def _assemble(up: Tensor, down: Tensor, left: Tensor, right: Tensor, base: int) -> Tensor:

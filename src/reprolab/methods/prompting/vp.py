@@ -29,6 +29,7 @@ class VPSPSA(ZerothOrderPrompting):
 
     Args:
         pad_size: strip width (30 at 224; default scales with the input size).
+        init_std: std of the prompt's Gaussian init (1.0 = official).
         spsa: kwargs of `SPSA`.
         seed: perturbation generator seed.
     """
@@ -37,13 +38,14 @@ class VPSPSA(ZerothOrderPrompting):
         self,
         *args: Any,
         pad_size: int | None = None,
+        init_std: float = 1.0,
         spsa: dict[str, Any] | None = None,
         seed: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         size = self.preprocess.image_size
-        self.prompter = PadPrompter(size, _pad_for(size, pad_size))
+        self.prompter = PadPrompter(size, _pad_for(size, pad_size), init_std)
         self.optimizer = SPSA(self.prompter.parameters(), seed=seed, **dict(spsa or {}))
 
     def prompted_batched(self, images: Tensor, thetas: Tensor) -> Tensor:
@@ -61,6 +63,7 @@ class VP(ClassificationMethod):
 
     Args:
         pad_size: strip width (30 at 224; default scales with the input size).
+        init_std: std of the prompt's Gaussian init (1.0 = official).
         lr, momentum, weight_decay: SGD settings (lr 40 for most datasets; spec §5.2).
         warmup_epochs: W (100 in the official configs).
         warmup_min_lr: LR of the first epoch (0.1).
@@ -75,11 +78,12 @@ class VP(ClassificationMethod):
         weight_decay: float = 0.0,
         warmup_epochs: int = 100,
         warmup_min_lr: float = 0.1,
+        init_std: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         size = self.backbone.preprocess.image_size
-        self.prompter = PadPrompter(size, _pad_for(size, pad_size))
+        self.prompter = PadPrompter(size, _pad_for(size, pad_size), init_std)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.warmup_epochs, self.warmup_min_lr = warmup_epochs, warmup_min_lr
 
