@@ -2,7 +2,7 @@
 
 Accuracy: with only queries to the frozen target (no gradients), BlackVIP and VP w/ SPSA-GC adapt it to a
 shifted task and beat zero-shot (paper Tables 2-3). Shown on the miniature table's mirrored LocMNIST
-1:1 cell (`table/blackvip_tiny.yaml`, seed 1): the same command as the table, run to completion.
+2:3 cell (`table/blackvip_tiny.yaml`, seed 1): the same command as the table, run to completion.
 
 Memory: a black-box step needs forward passes only, so its peak memory stays well under a
 white-box VP step, which keeps the target's activations for backpropagation (paper Fig. 1 / §4).
@@ -34,15 +34,17 @@ def _test_acc(proc: subprocess.Popen, log_dir: Path, experiment: str) -> float:
 
 
 def test_blackvip_and_vp_spsa_beat_zeroshot_on_the_shifted_tiny_task(tmp_path: Path) -> None:
-    col = "loc_mirror_1to1"
+    col = "loc_mirror_2to3"
     # The two 250-step black-box runs (~1.5 min each on one core) share the two cores.
     procs = {m: _launch(f"{m}_{col}", tmp_path) for m in ("blackvip", "vp_spsa")}
     acc = {m: _test_acc(p, tmp_path, f"{m}_{col}") for m, p in procs.items()}
     zs_proc = _launch(f"zeroshot_{col}", tmp_path)
     zeroshot = _test_acc(zs_proc, tmp_path, f"zeroshot_{col}")
-    # Measured here (seed 1): zero-shot 28.5%, BlackVIP ~41%, VP w/ SPSA-GC ~40% (1,000 test images).
+    # Measured here (seed 1, 1 or 2 threads alike): zero-shot 17.2%, BlackVIP 27.7%, VP w/ SPSA-GC 26.0% (1,000
+    # test images, so one standard error is ~1.3 points). SPSA trajectories differ with the float
+    # summation order (thread count, CPU, GPU), hence a margin well below the measured gains.
     for method, a in acc.items():
-        assert a > zeroshot + 5.0, (method, a, zeroshot)
+        assert a > zeroshot + 3.0, (method, a, zeroshot)
 
 
 def _peak_mb(which: str, batch: int) -> float:
