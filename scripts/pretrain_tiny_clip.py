@@ -228,6 +228,18 @@ EVAL_TASKS: list[tuple[str, str, dict[str, Any], str]] = [
     ("shapes/test_clutter", "shapes", {}, "test_clutter"),
     ("loc_digits_1to1/test", "loc_digits", {"fake_scale": 1}, "test"),
     ("loc_digits_1to4/test", "loc_digits", {"fake_scale": 4}, "test"),
+    (
+        "loc_mirror_1to1/test",
+        "loc_digits",
+        {"border_scale": 2, "fake_scale": 2, "target": "centre"},
+        "test",
+    ),
+    (
+        "loc_mirror_2to3/test",
+        "loc_digits",
+        {"border_scale": 3, "fake_scale": 2, "target": "centre"},
+        "test",
+    ),
     ("biased_digits_0.8/test", "biased_digits", {"rho": 0.8}, "test"),
     ("biased_digits_0.9/test", "biased_digits", {"rho": 0.9}, "test"),
     ("group_shapes/test", "group_shapes", {}, "test"),
@@ -235,6 +247,16 @@ EVAL_TASKS: list[tuple[str, str, dict[str, Any], str]] = [
 PROBE_TASKS: list[tuple[str, str, dict[str, Any]]] = [
     ("loc_digits_1to1/test", "loc_digits", {"fake_scale": 1}),
     ("loc_digits_1to4/test", "loc_digits", {"fake_scale": 4}),
+    (
+        "loc_mirror_1to1/test",
+        "loc_digits",
+        {"border_scale": 2, "fake_scale": 2, "target": "centre"},
+    ),
+    (
+        "loc_mirror_2to3/test",
+        "loc_digits",
+        {"border_scale": 3, "fake_scale": 2, "target": "centre"},
+    ),
     ("biased_digits_0.9/test", "biased_digits", {"rho": 0.9}),
 ]
 
