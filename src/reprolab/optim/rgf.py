@@ -21,13 +21,7 @@ import torch
 from torch import Tensor
 
 from reprolab.optim.schedules import poly_decay_lr
-from reprolab.optim.spsa import (
-    FlatParameterOptimizer,
-    LossFn,
-    allreduce_mean,
-    as_param_list,
-    evaluate_rows,
-)
+from reprolab.optim.spsa import FlatParameterOptimizer, LossFn, as_param_list
 
 __all__ = ["RGF"]
 
@@ -124,17 +118,12 @@ class RGF(FlatParameterOptimizer):
         """
         t = self.t + 1
         eta = self.lr(t)
-        w = self.flat()  # (d,)
-        gen_state = self.generator.get_state()
-        try:
-            dirs = self.sample_directions().to(device=w.device, dtype=w.dtype)  # (q, d)
-            thetas = torch.cat([w[None], w[None] + self.smoothing * dirs])  # (q + 1, d)
-            with torch.no_grad():
-                losses = evaluate_rows(loss_fn, thetas, batched)
-        except BaseException:
-            self.generator.set_state(gen_state)
-            raise
-        losses = allreduce_mean(losses)
+        w, dirs, losses = self.query(  # rows (q + 1, d): W, W + beta u_j
+            loss_fn,
+            batched,
+            self.sample_directions,
+            lambda w, u: torch.cat([w[None], w[None] + self.smoothing * u]),
+        )
         ghat = self.estimate(losses, dirs)
         self.write(w - eta * ghat)
         self.t = t

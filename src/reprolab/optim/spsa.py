@@ -90,9 +90,11 @@ def evaluate_rows(loss_fn: LossFn, thetas: Tensor, batched: bool) -> Tensor:
 
 class FlatParameterOptimizer:
     """What SPSA and RGF share: a list of tensors seen as one flat vector (`parameters_to_vector`
-    order), read with `flat` and written back in place with `write`."""
+    order), read with `flat` and written back in place with `write`, and a dedicated generator
+    that draws each step's random directions (`query`)."""
 
     params: list[Tensor]
+    generator: torch.Generator
 
     @property
     def num_params(self) -> int:
@@ -108,6 +110,36 @@ class FlatParameterOptimizer:
         """Overwrite the parameters with ``vec`` (N,)."""
         with torch.no_grad():
             vector_to_parameters(vec.detach().clone(), self.params)
+
+    def query(
+        self,
+        loss_fn: LossFn,
+        batched: bool,
+        draw: Callable[[], Tensor],
+        rows: Callable[[Tensor, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw this step's directions and evaluate the parameter rows built from them.
+
+        Args:
+            loss_fn, batched: As in `evaluate_rows`.
+            draw: Draws the directions from `generator`.  # () -> (q, N)
+            rows: Builds the rows to evaluate from the current parameters and the directions.
+
+        Returns:
+            (current parameters (N,), directions (q, N), DDP-averaged losses (R,)). If drawing or
+            evaluating raises (e.g. `QueryBudgetExceeded`), the generator is rewound first, so the
+            optimiser is exactly as it was before the call.
+        """
+        phi = self.flat()  # (N,)
+        gen_state = self.generator.get_state()
+        try:
+            dirs = draw().to(device=phi.device, dtype=phi.dtype)
+            with torch.no_grad():
+                losses = evaluate_rows(loss_fn, rows(phi, dirs), batched)
+        except BaseException:
+            self.generator.set_state(gen_state)
+            raise
+        return phi, dirs, allreduce_mean(losses)
 
 
 class SPSA(FlatParameterOptimizer):
@@ -230,17 +262,9 @@ class SPSA(FlatParameterOptimizer):
         """
         k = self.k + 1
         a_k, c_k = self.gains(k)
-        phi = self.flat()  # (N,)
-        gen_state = self.generator.get_state()
-        try:
-            delta = self.sample_perturbations().to(device=phi.device, dtype=phi.dtype)  # (q, N)
-            thetas = self.perturbed(phi, delta, c_k)  # (2q, N)
-            with torch.no_grad():
-                losses = evaluate_rows(loss_fn, thetas, batched)
-        except BaseException:
-            self.generator.set_state(gen_state)
-            raise
-        losses = allreduce_mean(losses)
+        phi, delta, losses = self.query(  # rows (2q, N): phi +/- c_k Delta_j
+            loss_fn, batched, self.sample_perturbations, lambda p, d: self.perturbed(p, d, c_k)
+        )
         ghat = self.estimate(losses, delta, c_k)  # (N,)
         if self.gc:
             self.m = ghat.clone() if (k == 1 or self.m is None) else self.momentum * self.m + ghat
