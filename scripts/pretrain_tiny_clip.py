@@ -222,6 +222,9 @@ def prompt_token_ids() -> torch.Tensor:
     return tok(texts).unique()
 
 
+# What determines the weights (stored in the packed checkpoint and the results json).
+HPARAMS = ("seed", "steps", "batch_size", "lr", "warmup", "weight_decay")
+
 EVAL_TASKS: list[tuple[str, str, dict[str, Any], str]] = [
     # (key, dataset, kwargs, split)
     ("shapes/test", "shapes", {}, "test"),
@@ -442,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.eval_only:
         prev = json.loads((out / "tiny_clip_results.json").read_text())
-        for key in ("seed", "steps", "batch_size", "lr", "warmup", "weight_decay", "threads"):
+        for key in (*HPARAMS, "threads"):
             setattr(args, key, prev[key])
         return _evaluate_and_report(args, out, prev["command"], float(prev["wall_time_s"]))
 
@@ -450,14 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_at is not None and args.stop_at < args.steps:
         return 0
     keep = torch.cat([seen.nonzero().flatten(), prompt_token_ids()])
-    meta = {
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "weight_decay": args.weight_decay,
-    }
+    meta = {key: getattr(args, key) for key in HPARAMS}
     weights = out / "tiny_clip.pt"
     save_atomic(tiny_clip.pack_state_dict(state, keep, meta), weights)
     log.info(
@@ -477,13 +473,7 @@ def _evaluate_and_report(args: argparse.Namespace, out: Path, command: str, wall
     results = evaluate(weights)
     record = {
         "command": command,
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "weight_decay": args.weight_decay,
-        "threads": args.threads,
+        **{key: getattr(args, key) for key in (*HPARAMS, "threads")},
         "wall_time_s": round(wall, 1),
         **results,
     }

@@ -10,9 +10,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(
-    1
-)  # subprocesses and the other core stay free: no oversubscription on 2 cores
+# Subprocesses and the other core stay free: no oversubscription on 2 cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
