@@ -47,16 +47,19 @@ def test_pad_prompter_shape_count_and_application() -> None:
     assert sum(q.numel() for q in tiny.parameters()) == 2 * 3 * 4 * 32 + 2 * 3 * 24 * 4
 
 
-def test_pad_prompter_batched_matches_rows() -> None:
-    vp = PadPrompter(32, 4)
-    thetas = torch.randn(3, sum(p.numel() for p in vp.parameters()))
-    x = torch.randn(2, 3, 32, 32)
-    out = vp.forward_batched(x, thetas)
-    assert out.shape == (3, 2, 3, 32, 32)
+def _assert_batched_matches_rows(prompter: torch.nn.Module, x: torch.Tensor, out_size: int) -> None:
+    """forward_batched(x, thetas)[r] == forward(x) with the parameters set to thetas[r]."""
+    thetas = torch.randn(3, sum(p.numel() for p in prompter.parameters()))
+    out = prompter.forward_batched(x, thetas)
+    assert out.shape == (3, x.shape[0], 3, out_size, out_size)
     for r in range(3):
-        vector_to_parameters(thetas[r], vp.parameters())
+        vector_to_parameters(thetas[r], prompter.parameters())
         with torch.no_grad():
-            torch.testing.assert_close(out[r], vp(x))
+            torch.testing.assert_close(out[r], prompter(x))
+
+
+def test_pad_prompter_batched_matches_rows() -> None:
+    _assert_batched_matches_rows(PadPrompter(32, 4), torch.randn(2, 3, 32, 32), 32)
 
 
 def test_frame_program_geometry_and_range() -> None:
@@ -86,14 +89,8 @@ def test_frame_program_geometry_and_range() -> None:
 def test_frame_program_tiny_and_batched() -> None:
     prog = FrameProgram(64)
     assert prog.image_size == 56 and (prog.lower, prog.upper) == (4, 60)
-    x = torch.randn(2, 3, 56, 56)
-    thetas = torch.randn(3, prog.W.numel())
-    out = prog.forward_batched(x, thetas)
-    assert out.shape == (3, 2, 3, 64, 64)
-    for r in range(3):
-        vector_to_parameters(thetas[r], prog.parameters())
-        with torch.no_grad():
-            torch.testing.assert_close(out[r], prog(x))
+    assert sum(p.numel() for p in prog.parameters()) == prog.W.numel()
+    _assert_batched_matches_rows(prog, torch.randn(2, 3, 56, 56), 64)
 
 
 def test_focal_loss() -> None:
