@@ -18,7 +18,7 @@ from reprolab.data.datasets import imagenet as inet
 from reprolab.data.fewshot import fewshot_splits, sample_fewshot
 from reprolab.data.spec import get_spec
 from reprolab.methods.base import ClassificationMethod
-from reprolab.models.clip import Preprocess
+from reprolab.data.transforms import Preprocess
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from make_data_tree import decode_index, make_coop_tree, make_imagenet_tree  # noqa: E402

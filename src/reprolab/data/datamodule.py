@@ -10,42 +10,19 @@ ObjectNet evaluated with a 1000-way ImageNet head) come with `test_index_groups`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
 
 from reprolab.data.fewshot import fewshot_cache_dir, fewshot_splits
 from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
-from reprolab.models.clip import Preprocess
+from reprolab.data.transforms import Preprocess, build_transforms
 
 log = logging.getLogger(__name__)
-
-_INTERP = {
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "nearest": T.InterpolationMode.NEAREST,
-}
-
-
-def build_transforms(pre: Preprocess, train: bool, augment: bool) -> T.Compose:
-    """CLIP/CoOp transforms: train RandomResizedCrop(0.08-1)+flip, test resize+centre crop."""
-    interp = _INTERP[pre.interpolation]
-    norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    if train and augment:
-        geo = [
-            T.RandomResizedCrop(pre.image_size, scale=(0.08, 1.0), interpolation=interp),
-            T.RandomHorizontalFlip(),
-        ]
-    elif train:
-        geo = [T.Resize((pre.image_size, pre.image_size), interpolation=interp)]
-    else:
-        geo = [T.Resize(pre.image_size, interpolation=interp), T.CenterCrop(pre.image_size)]
-    return T.Compose([*geo, *norm])
-
 
 class EpochSeededSampler(Sampler[int]):
     """A random permutation per epoch that depends only on (seed, epoch).
@@ -69,7 +46,7 @@ class EpochSeededSampler(Sampler[int]):
 
 
 class _Transformed(Dataset):
-    def __init__(self, split: ImageSplit, transform: T.Compose) -> None:
+    def __init__(self, split: ImageSplit, transform: Callable[[Any], Any]) -> None:
         self.split, self.transform = split, transform
 
     def __len__(self) -> int:

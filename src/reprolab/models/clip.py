@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -17,17 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprolab.data.transforms import Preprocess
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images must be prepared for a backbone (CLIP: 224, bicubic, OpenAI mean/std)."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
 
 
 class CLIPBackbone(nn.Module):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from reprolab.methods.prompting.prompters import FrameProgram, focal_loss
 from reprolab.methods.prompting.zeroth_order import ZerothOrderPrompting
-from reprolab.models.clip import Preprocess
+from reprolab.data.transforms import Preprocess
 from reprolab.optim.rgf import RGF
 
 
