@@ -17,6 +17,25 @@ METRIC_PATTERN = re.compile(
 )
 
 
+def method_metric_keys(method_target: str) -> tuple[str, ...]:
+    """The metric keys (fnmatch patterns, e.g. `test/*/acc`) the method class at `method_target`
+    declares it logs (`Method.metric_keys()`), read without building anything."""
+    import hydra
+
+    cls = hydra.utils.get_class(method_target)
+    keys = getattr(cls, "metric_keys", None)
+    if keys is None:
+        raise TypeError(f"{method_target} is not a reprolab Method (no metric_keys()).")
+    return tuple(keys())
+
+
+def metric_is_logged(method_target: str, metric: str) -> bool:
+    """Whether the method class at `method_target` declares a metric key matching `metric`."""
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(str(metric), p) for p in method_metric_keys(method_target))
+
+
 def choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
