@@ -8,7 +8,6 @@ prepares the data.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from reprolab.utils.naming import unknown_name
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -109,9 +110,7 @@ def get_spec(name: str, **kwargs: Any) -> DatasetSpec:
     """Build the spec registered as `name`; unknown names list the choices and a close match."""
     _import_all()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise KeyError(f"Unknown dataset '{name}'; available: {', '.join(sorted(_REGISTRY))}{hint}")
+        raise KeyError(unknown_name("dataset", name, _REGISTRY))
     return _REGISTRY[name](**kwargs)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 
@@ -41,10 +40,9 @@ def choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
 
 
 def unknown_choice(group: str, name: str, config_dir: Path = CONFIG_DIR) -> str:
-    options = choices(group, config_dir)
-    close = difflib.get_close_matches(name, options, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"Unknown {group} '{name}'; available: {', '.join(options)}{hint}"
+    from reprolab.utils.naming import unknown_name
+
+    return unknown_name(group, name, choices(group, config_dir))
 
 
 def compose_train(overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR) -> DictConfig:
