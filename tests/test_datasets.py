@@ -534,6 +534,32 @@ def test_colour_biased_ratios_and_pixels(digits):
     assert (rgb[on] == 255).all() and (rgb[~on] == mv.COLOURS[3]).all()
 
 
+@pytest.mark.parametrize(
+    "n,rho,own,others",
+    [
+        (50, 0.8, 40, [2, 2, 2, 2, 2, 0, 0, 0, 0]),  # rest 10 in chunks of ceil(10 / 9) = 2
+        (100, 0.29, 29, [8, 8, 8, 8, 8, 8, 8, 8, 7]),  # float floor(100 * 0.29) is 28
+        (300, 0.19, 57, [27] * 9),  # float ceil(300 * 0.81 / 9) is 28
+        (70, 0.1, 7, [7] * 9),
+        (7, 1.0, 7, [0] * 9),
+    ],
+)
+def test_colour_assignment_counts_per_class(n, rho, own, others):
+    """Spec §6.3 by hand: floor(n rho) own colour, chunks of ceil(n (1 - rho) / 9) for the other 9,
+    in exact arithmetic, for both RNG kinds (the real dataset's RandomState, biased_digits' Generator)."""
+    from reprolab.data.colour_bias import colour_assignment
+    from reprolab.data.datasets import synthetic
+
+    assert mv.colour_assignment is colour_assignment is synthetic.colour_assignment  # one function
+    labels = np.repeat(np.arange(10), n)
+    for rng in (np.random.RandomState(1), np.random.default_rng(1)):
+        colours = colour_assignment(labels, rho, rng)
+        for y in range(10):
+            counts = np.bincount(colours[labels == y], minlength=10)
+            assert counts[y] == own
+            assert sorted(np.delete(counts, y).tolist(), reverse=True) == others
+
+
 def test_mnist_variant_prepare_builds_folders(tmp_path, monkeypatch, digits):
     images, labels = digits
     monkeypatch.setattr(

@@ -28,7 +28,6 @@ it); shape tasks use CLIP's `a photo of a {}.` with the shape names.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from reprolab.data import synthetic as world
+from reprolab.data.colour_bias import colour_assignment
 from reprolab.data.spec import DatasetSpec, ImageSplit, read_lines, register
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_clutter": 3}
@@ -268,27 +268,6 @@ BIAS_COLORS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def assign_bias_colors(rng: np.random.Generator, labels: np.ndarray, rho: float) -> np.ndarray:
-    """Background colour index per item (spec §6.3).
-
-    For each class: shuffle its items; the first floor(n rho) get the class's own colour; the rest are
-    cut into chunks of ceil(n (1 - rho) / 9), each given one of the other 9 colours in shuffled order.
-    """
-    colors = np.empty(len(labels), np.int64)
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n = len(idx)
-        n_own = int(math.floor(n * rho + 1e-9))
-        colors[idx[:n_own]] = c
-        rest = idx[n_own:]
-        if len(rest):
-            chunk = int(math.ceil(n * (1 - rho) / 9 - 1e-9))
-            others = rng.permutation([k for k in range(10) if k != c])
-            for j in range(len(rest)):
-                colors[rest[j]] = others[min(j // chunk, 8)]
-    return colors
-
-
 @dataclass
 class BiasedDigitsSpec(SyntheticSpec):
     """Colour-Biased MNIST: binarised white digit on a class-correlated background colour."""
@@ -309,7 +288,7 @@ class BiasedDigitsSpec(SyntheticSpec):
         digits = np.concatenate([_cycle_pool(rng, pools[c], per_class) for c in range(10)])
         labels = np.repeat(np.arange(10), per_class)
         # Val follows the train correlation (an in-distribution val); test uses rho_test.
-        colors = assign_bias_colors(rng, labels, self.rho_test if split == "test" else self.rho)
+        colors = colour_assignment(labels, self.rho_test if split == "test" else self.rho, rng)
         order = rng.permutation(len(labels))  # interleave classes (first-N batches see all of them)
         return {"label": labels[order], "digit": digits[order], "color": colors[order]}
 
