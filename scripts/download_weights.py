@@ -2,11 +2,14 @@
 
     python scripts/download_weights.py ViT-B-16 openai          # an open_clip backbone
     python scripts/download_weights.py --model clip_vit_b16     # the same, by model config name
+    python scripts/download_weights.py --model timm_resnet50    # a timm backbone, by model config name
+    python scripts/download_weights.py --timm resnet50.a1_in1k  # a timm model by name.tag
     python scripts/download_weights.py --coordinator            # BlackVIP's MAE ViT-B/16 encoder (timm)
     python scripts/download_weights.py --all                    # every model config + the coordinator
 
-open_clip caches under `--cache-dir` (the `WEIGHTS_ROOT` the configs read) or its default; timm
-weights go to the Hugging Face cache (`HF_HOME`). Then runs with HF_HUB_OFFLINE=1 find them.
+open_clip and the timm model configs cache under `--cache-dir` (the `WEIGHTS_ROOT` the configs read)
+or their defaults; the Coordinator's timm encoders go to the Hugging Face cache (`HF_HOME`). Then runs
+with HF_HUB_OFFLINE=1 find them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from reprolab.utils.naming import unknown_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COORDINATOR_ENCODERS = ["vit_base_patch16_224.mae", "vit_base_patch16_224.orig_in21k"]
@@ -34,21 +39,38 @@ def fetch_clip(arch: str, tag: str, cache_dir: str | None) -> None:
     print(f"{arch}/{tag}: {path}")
 
 
-def fetch_coordinator() -> None:
+def fetch_timm(name: str, cache_dir: str | None) -> None:
+    """Download timm `arch[.tag]` weights (timm's default tag without one)."""
     import timm
 
+    from reprolab.models.timm import resolve_pretrained
+
+    try:
+        full, _, _ = resolve_pretrained(name, True)
+    except ValueError as e:
+        sys.exit(str(e))
+    timm.create_model(full, pretrained=True, num_classes=0, cache_dir=cache_dir)
+    print(f"timm {full}: cached")
+
+
+def fetch_coordinator() -> None:
     for name in COORDINATOR_ENCODERS:
-        timm.create_model(name, pretrained=True, num_classes=0)
-        print(f"timm {name}: cached")
+        fetch_timm(name, None)  # the Coordinator reads the default Hugging Face cache
 
 
-def model_configs() -> dict[str, tuple[str, str]]:
+def model_configs() -> dict[str, tuple[str, str, str]]:
+    """`{config name: (library, arch, pretrained)}` of the model configs with downloadable weights."""
     out = {}
     for p in sorted((ROOT / "configs" / "model").glob("*.yaml")):
         cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
         tag = cfg.get("pretrained")
-        if isinstance(tag, str) and "/" not in tag and "$" not in tag:
-            out[p.stem] = (cfg["arch"], tag)
+        if str(cfg.get("_target_", "")).endswith("TimmBackbone"):
+            if tag is True:
+                out[p.stem] = ("timm", cfg["arch"], cfg["arch"])
+            elif isinstance(tag, str) and "/" not in tag and "$" not in tag:
+                out[p.stem] = ("timm", cfg["arch"], tag if "." in tag else f"{cfg['arch']}.{tag}")
+        elif isinstance(tag, str) and "/" not in tag and "$" not in tag:
+            out[p.stem] = ("open_clip", cfg["arch"], tag)
     return out
 
 
@@ -59,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("arch", nargs="?")
     p.add_argument("tag", nargs="?")
     p.add_argument("--model", help="a configs/model name, e.g. clip_vit_b16")
+    p.add_argument("--timm", nargs="+", default=[], metavar="NAME", help="timm arch[.tag] names")
     p.add_argument("--coordinator", action="store_true", help="BlackVIP's timm encoders")
     p.add_argument("--all", action="store_true")
     p.add_argument("--cache-dir", default=os.environ.get("WEIGHTS_ROOT"))
@@ -66,17 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         sys.exit("HF_HUB_OFFLINE=1: unset it to download (this script needs the network).")
     known = model_configs()
-    todo = []
+    todo = [("timm", name, name) for name in args.timm]
     if args.arch:
-        todo.append((args.arch, args.tag or "openai"))
+        todo.append(("open_clip", args.arch, args.tag or "openai"))
     if args.model:
         if args.model not in known:
-            sys.exit(f"Unknown model config '{args.model}'; available: {', '.join(known)}")
+            sys.exit(unknown_name("model config", args.model, known))
         todo.append(known[args.model])
     if args.all:
         todo.extend(known.values())
-    for arch, tag in todo:
-        fetch_clip(arch, tag, args.cache_dir)
+    for library, arch, tag in todo:
+        if library == "timm":
+            fetch_timm(tag, args.cache_dir)
+        else:
+            fetch_clip(arch, tag, args.cache_dir)
     if args.coordinator or args.all:
         fetch_coordinator()
     if not todo and not (args.coordinator or args.all):
