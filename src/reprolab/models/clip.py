@@ -1,14 +1,23 @@
-"""Frozen CLIP backbones over open_clip.
+"""CLIP backbones over open_clip: frozen (prompting, zero-shot, black-box) or fine-tuned.
 
 `CLIPBackbone` wraps any open_clip architecture with an OpenAI / LAION pretrained tag, a local
 checkpoint file, or random init (tests). It exposes what the methods need and nothing they should
 not touch: image and text encoders, the logit scale, the preprocessing, and the zero-shot head.
+
+Frozen by default. The robust fine-tuning papers train CLIP itself: WiSE-FT (Wortsman et al.,
+"Robust fine-tuning of zero-shot models", CVPR 2022, arXiv 2109.01903) the image tower, FLYP (Goyal
+et al., "Finetune like you pretrain", CVPR 2023, arXiv 2212.00638) and CaRot (Oh et al., "Towards
+calibrated robust fine-tuning of vision-language models", NeurIPS 2024, arXiv 2311.01723) both
+towers and the logit scale, contrastively. `trainable` picks the towers; the frozen rest stays in
+eval mode, without gradients, and out of checkpoints (`frozen_state_prefixes`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import open_clip
@@ -17,12 +26,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprolab.data.transforms import Preprocess
+from reprolab.utils.naming import unknown_name
 
 log = logging.getLogger(__name__)
 
+TRAINABLE: tuple[str, ...] = ("none", "image", "text", "both")
+MAX_LOGIT_SCALE = 100.0
+_SCALE_PARAMS = ("logit_scale", "logit_bias")  # SigLIP models also learn a bias
+
+
+def zeroshot_head(
+    encode_text: Callable[[list[str]], Tensor], classnames: Sequence[str], templates: Sequence[str]
+) -> Tensor:
+    """Zero-shot head: per-class mean of L2-normalised template embeddings, renormalised. (C, D)
+
+    The one implementation (CONTRACTS.md), used by `CLIPBackbone.zeroshot_weights` and by tiny_clip's
+    pretraining evaluation. Underscores in class names become spaces (`sea_lion` -> "sea lion").
+    Gradients flow when `encode_text` has them (callers that want none wrap it in `torch.no_grad`).
+
+    Args:
+        encode_text: texts -> text embeddings (N, D), e.g. `CLIPBackbone.encode_text`.
+        classnames: class names, in label order.
+        templates: prompt templates with `{}` for the class name.
+    """
+    weights = []
+    for c in classnames:
+        texts = [t.format(c.replace("_", " ")) for t in templates]
+        emb = F.normalize(encode_text(texts).float(), dim=-1)  # (T, D)
+        weights.append(F.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(weights)  # (C, D)
+
 
 class CLIPBackbone(nn.Module):
-    """A frozen open_clip model.
+    """An open_clip model, frozen or with trainable towers.
 
     Args:
         name: config name (lands in hparams and metrics.json).
@@ -31,6 +67,12 @@ class CLIPBackbone(nn.Module):
             file, or None for random init.
         cache_dir: where open_clip caches downloaded weights (`paths.weights_dir`).
         precision: `fp32` (the papers cast CLIP to fp32) or `fp16`/`bf16`.
+        force_quick_gelu: None: QuickGELU for OpenAI weights only.
+        trainable: which towers train: `none` (frozen, the default), `image`, `text` or `both`.
+            Trained towers get gradients and follow the parent's train()/eval() mode; frozen ones
+            stay in eval mode without gradients.
+        train_logit_scale: train the logit scale (and a SigLIP logit bias). None: only when
+            `trainable == "both"` (FLYP / CaRot train it with both towers).
     """
 
     def __init__(
@@ -41,11 +83,22 @@ class CLIPBackbone(nn.Module):
         cache_dir: str | None = None,
         precision: str = "fp32",
         force_quick_gelu: bool | None = None,
+        trainable: str = "none",
+        train_logit_scale: bool | None = None,
     ) -> None:
         super().__init__()
+        if trainable not in TRAINABLE:
+            raise ValueError(
+                f"model={name}: {unknown_name('trainable mode', trainable, TRAINABLE)}. "
+                "Set model.trainable to one of them."
+            )
         self.name = name
         self.arch = arch
         self.pretrained = pretrained
+        self.trainable = trainable
+        self.train_logit_scale = (
+            trainable == "both" if train_logit_scale is None else bool(train_logit_scale)
+        )
         _register_custom_archs()
         if force_quick_gelu is None:
             # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use nn.GELU.
@@ -59,6 +112,12 @@ class CLIPBackbone(nn.Module):
             force_quick_gelu=force_quick_gelu,
         )
         self.model.requires_grad_(False).eval()
+        self._part_keys = _split_parts(self.model)
+        parts = self.parts()
+        for part in self._trained_parts():
+            for _, obj in parts[part]:
+                if isinstance(obj, (nn.Module, nn.Parameter)):  # not buffers
+                    obj.requires_grad_(True)
         self.tokenizer = open_clip.get_tokenizer(arch)
         cfg = getattr(self.model.visual, "preprocess_cfg", {})
         size = cfg.get("size", getattr(self.model.visual, "image_size", 224))
@@ -70,47 +129,140 @@ class CLIPBackbone(nn.Module):
             interpolation=cfg.get("interpolation", "bicubic"),
         )
         self._head_cache: dict[tuple, Tensor] = {}
+        # A loaded state dict may change the text tower (WiSE-FT interpolation): drop the head.
+        self.register_load_state_dict_post_hook(_clear_head_cache)
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "Backbone %s (%s, %s): %.1fM frozen parameters, input %s",
+            "Backbone %s (%s, %s): trainable=%s%s, %.2fM trainable / %.2fM frozen parameters, "
+            "input %s",
             name,
             arch,
             pretrained or "random init",
-            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            trainable,
+            " + logit scale" if self.train_logit_scale else "",
+            n_train / 1e6,
+            (n_all - n_train) / 1e6,
             self.preprocess,
         )
 
+    def _trained_parts(self) -> list[str]:
+        parts = {"none": [], "image": ["image"], "text": ["text"], "both": ["image", "text"]}
+        return parts[self.trainable] + (["scale"] if self.train_logit_scale else [])
+
+    @property
+    def text_trainable(self) -> bool:
+        return self.trainable in ("text", "both")
+
+    def parts(self) -> dict[str, list[tuple[str, nn.Module | Tensor]]]:
+        """`image`, `text`, `scale`: (state-dict prefix relative to `self.model`, module/tensor)."""
+        return {
+            part: [(key, getattr(self.model, key.rstrip("."))) for key in keys]
+            for part, keys in self._part_keys.items()
+        }
+
     def train(self, mode: bool = True) -> CLIPBackbone:
-        # Frozen: pretrained norm/dropout behaviour is kept whatever the parent module does.
-        return super().train(False)
+        if self.trainable == "none":
+            # Frozen: pretrained norm/dropout behaviour is kept whatever the parent module does.
+            return super().train(False)
+        super().train(mode)
+        trained = self._trained_parts()
+        for part, members in self.parts().items():
+            if part not in trained:
+                for _, obj in members:
+                    if isinstance(obj, nn.Module):
+                        obj.eval()
+        return self
+
+    def frozen_state_prefixes(self) -> list[str]:
+        """State-dict key prefixes (relative to this module) of the frozen parts.
+
+        A checkpoint need not hold them: they are rebuilt from `cfg.model`. `[""]` (everything)
+        when nothing trains; the frozen tower's (and logit scale's) keys when one tower trains;
+        `[]` when both towers and the logit scale train.
+        """
+        trained = self._trained_parts()
+        if not trained:
+            return [""]
+        return [
+            f"model.{key}"
+            for part, keys in self._part_keys.items()
+            if part not in trained
+            for key in keys
+        ]
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp().clamp(max=100.0))
+        """exp(learned log-scale), clamped at 100, as a float (frozen users, black box)."""
+        return float(self.model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
+
+    def scale(self) -> Tensor:
+        """The logit scale as a 0-dim tensor with gradients (when `train_logit_scale`).
+
+        Its value is `logit_scale`'s (clamped at 100). Its gradient is that of exp(log-scale) even at
+        the clamp: OpenAI's log-scale is float32(ln 100), whose exp is 100.0000076, so a plain
+        clamp would never pass a gradient. As in open_clip's training loop, keep the parameter in
+        range with `clamp_logit_scale_()` after each optimiser step.
+        """
+        s = self.model.logit_scale.exp()
+        return s - (s - MAX_LOGIT_SCALE).clamp(min=0).detach()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the log-scale parameter to [0, ln 100] in place (open_clip's recipe)."""
+        self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
     def encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images)  # (B, D)
 
     def encode_text(self, texts: list[str]) -> Tensor:
+        """Text embeddings; with gradients when the text tower trains (contrastive losses). (N, D)"""
         device = self.model.logit_scale.device
         tokens = self.tokenizer(texts).to(device)
         return self.model.encode_text(tokens)  # (N, D)
 
     @torch.no_grad()
     def zeroshot_weights(self, classnames: list[str], templates: list[str]) -> Tensor:
-        """Zero-shot head: per-class mean of L2-normalised template embeddings, renormalised."""
+        """Zero-shot head (`zeroshot_head`), without gradients. (C, D)
+
+        Cached per (classnames, templates) while the text tower is frozen (the head depends on it
+        alone; a `load_state_dict` drops the cache); recomputed from the current weights on every
+        call when it trains. For a head with gradients call `zeroshot_head(self.encode_text, ...)`.
+        """
+        if self.text_trainable:
+            return zeroshot_head(self.encode_text, classnames, templates)
         key = (tuple(classnames), tuple(templates))
         if key not in self._head_cache:
-            weights = []
-            for c in classnames:
-                texts = [t.format(c.replace("_", " ")) for t in templates]
-                emb = F.normalize(self.encode_text(texts).float(), dim=-1)  # (T, D)
-                weights.append(F.normalize(emb.mean(dim=0), dim=-1))
-            self._head_cache[key] = torch.stack(weights)  # (C, D)
+            self._head_cache[key] = zeroshot_head(self.encode_text, classnames, templates)
         return self._head_cache[key].to(self.model.logit_scale.device)
 
     def logits(self, images: Tensor, weights: Tensor) -> Tensor:
         feats = F.normalize(self.encode_image(images).float(), dim=-1)  # (B, D)
-        return self.logit_scale * feats @ weights.t()  # (B, C)
+        scale = self.scale() if self.train_logit_scale else self.logit_scale
+        return scale * feats @ weights.t()  # (B, C)
+
+
+def _split_parts(model: nn.Module) -> dict[str, list[str]]:
+    """open_clip's state by part: `image` (visual tower), `text`, `scale` (logit scale / bias).
+
+    Keys are state-dict prefixes relative to `model`: `name.` for a submodule, `name` for a direct
+    parameter or persistent buffer. Covers `CLIP` (text modules at the top level) and
+    `CustomTextCLIP` (`text`).
+    """
+    parts: dict[str, list[str]] = {"image": [], "text": [], "scale": []}
+    for n, _ in model.named_children():
+        parts["image" if n == "visual" else "text"].append(f"{n}.")
+    for n, _ in model.named_parameters(recurse=False):
+        parts["scale" if n in _SCALE_PARAMS else "text"].append(n)
+    persistent = set(model.state_dict(keep_vars=True)) - {n for n, _ in model.named_parameters()}
+    for n, _ in model.named_buffers(recurse=False):
+        if n in persistent:
+            parts["text"].append(n)
+    return parts
+
+
+def _clear_head_cache(module: CLIPBackbone, incompatible_keys: object) -> None:
+    module._head_cache.clear()
 
 
 def _register_custom_archs() -> None:

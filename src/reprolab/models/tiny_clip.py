@@ -231,13 +231,11 @@ def images_to_tensor(images: list[Any], info: dict[str, Any] | None = None) -> T
 
 @torch.no_grad()
 def zeroshot_head(model: nn.Module, classnames: list[str], templates: list[str]) -> Tensor:
-    """Per-class mean of normalised template embeddings, renormalised (CONTRACTS.md). (C, D)"""
+    """`reprolab.models.clip.zeroshot_head` of a bare open_clip model (CONTRACTS.md). (C, D)"""
+    from reprolab.models.clip import zeroshot_head as head
+
     tok = get_tokenizer()
-    heads = []
-    for c in classnames:
-        emb = model.encode_text(tok([t.format(c) for t in templates]))
-        heads.append(torch.nn.functional.normalize(emb.float(), dim=-1).mean(0))
-    return torch.nn.functional.normalize(torch.stack(heads), dim=-1)
+    return head(lambda texts: model.encode_text(tok(texts)), classnames, templates)
 
 
 @torch.no_grad()
