@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
+import time
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from reprolab.methods.prompting import coordinator as coordinator_module
 from reprolab.methods.prompting.coordinator import (
     Coordinator,
     CoordinatorDecoder,
+    _TimmPooledFeature,
     _TimmViTFeature,
 )
 
@@ -184,3 +189,90 @@ def test_other_sizes_shapes_and_batched(size: int, native: int, n_bn: int) -> No
         last = ref(z)
     assert out.shape == (2, 3, 3, size, size)
     torch.testing.assert_close(out[1], last, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_encoder_outputs_are_pinned() -> None:
+    # The miniature BlackVIP table runs this encoder: seed 0 must keep giving these features and
+    # prompts (recorded before the timm encoders moved to models/timm.py).
+    coord = _tiny()
+    coord.train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z, prompt = coord.encode(x), coord(x)
+    expected = [[-0.10662910, -0.13033397, -0.02321367], [-0.10889471, -0.13351106, -0.02485907]]
+    torch.testing.assert_close(z[:, :3], torch.tensor(expected), rtol=0, atol=1e-6)
+    assert float(z.sum()) == pytest.approx(1.1613507, abs=1e-5)
+    assert float(prompt.sum()) == pytest.approx(-329.49734, abs=1e-2)
+    assert float(prompt.abs().sum()) == pytest.approx(5022.6733, abs=1e-2)
+    torch.testing.assert_close(
+        prompt[0, 0, 0, :3], torch.tensor([-0.21436070, 0.38845566, -0.06567244]), rtol=0, atol=1e-5
+    )
+
+
+# Small timm stand-ins for the paper encoders (same code path, CPU-test sizes).
+SMALL_TIMM = {
+    "vit_mae_base": "vit_tiny_patch16_224",
+    "vit_base": "vit_tiny_patch16_224",
+    "dino_rn50": "resnet18",
+}
+
+
+@pytest.mark.parametrize("encoder", ["vit_mae_base", "vit_base", "dino_rn50"])
+def test_timm_encoders_equal_direct_timm_construction(
+    encoder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built through TimmBackbone: the same weights and features as the old direct timm call."""
+    import timm
+
+    monkeypatch.setattr(coordinator_module, "TIMM_NAMES", {**SMALL_TIMM, "dino_rn50": "resnet18"})
+    name = coordinator_module.TIMM_NAMES[encoder]
+    src_dim = 3136 if encoder == "dino_rn50" else 1568
+    torch.manual_seed(0)
+    coord = Coordinator(encoder, src_dim=src_dim, image_size=224, pretrained=False)
+    torch.manual_seed(0)  # the old path: timm.create_model, then the feature wrapper
+    if encoder == "dino_rn50":
+        ref = _TimmPooledFeature(timm.create_model(name, pretrained=False, num_classes=0))
+    else:
+        norm = partial(nn.LayerNorm, eps=1e-12)
+        vit = timm.create_model(name, pretrained=False, num_classes=0, norm_layer=norm)
+        ref = _TimmViTFeature(vit, pre_norm=encoder == "vit_mae_base")
+    ref.eval()
+    assert coord.encoder_input_size == 224
+    sd, ref_sd = coord.encoder.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(coord.encode(x), ref(x), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in coord.encoder.parameters())
+
+
+def test_timm_encoder_checkpoint_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coordinator_module, "TIMM_NAMES", SMALL_TIMM)
+    torch.manual_seed(0)
+    src = Coordinator("vit_mae_base", image_size=224, pretrained=False)
+    torch.save(src.encoder.model.state_dict(), tmp_path / "mae.pth")
+    torch.manual_seed(1)
+    loaded = Coordinator(
+        "vit_mae_base", image_size=224, pretrained=True, checkpoint_path=tmp_path / "mae.pth"
+    )
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), src.encode(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        Coordinator("vit_mae_base", pretrained=True, checkpoint_path=tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="no timm hub weights"):
+        Coordinator("dino_rn50", src_dim=3136, pretrained=True)
+
+
+def test_offline_pretrained_encoder_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reprolab.models import timm as timm_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(timm_backbone, "_is_cached", lambda cfg, cache_dir: False)
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as e:
+        Coordinator("vit_mae_base", pretrained=True)
+    assert time.perf_counter() - t0 < 1.0  # before the 86M-parameter ViT is built
+    msg = str(e.value)
+    assert "download_weights.py --timm vit_base_patch16_224.mae" in msg
+    assert "--coordinator" in msg and "method.coordinator.pretrained=false" in msg

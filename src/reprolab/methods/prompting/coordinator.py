@@ -8,7 +8,8 @@ Paper: Oh et al., "BlackVIP: Black-Box Visual Prompting for Robust Transfer Lear
 
 - ``f_enc``: a frozen encoder (MAE ViT-B/16 by default; supervised in21k ViT-B/16, DINO ResNet-50, a
   random "scratch" conv net, or a tiny conv net for CPU tests). It sees the same CLIP-normalised tensor
-  as CLIP (no re-normalisation).
+  as CLIP (no re-normalisation). The timm encoders are built by ``reprolab.models.timm.TimmBackbone``
+  (weights, offline checks, freezing); the feature taken from them is the Coordinator's own.
 - ``phi_t``: a learnable trigger vector of length SRC_DIM - z_dim, U(0, 0.1) init.
 - ``g``: grouped transposed-conv decoder (spec §2.2 table), 9,920 learnable parameters with the
   official configuration (vit_mae_base, SRC_DIM 1568, 224 px), no output activation.
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from reprolab.methods.prompting.prompters import unflatten_rows
+from reprolab.models.timm import TimmBackbone
+from reprolab.utils.naming import unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -152,42 +155,39 @@ class TinyEncoder(nn.Module):
 
 
 def _create_timm(
-    name: str, pretrained: bool, checkpoint_path: str | Path | None, **model_kwargs: Any
+    encoder: str, pretrained: bool, checkpoint_path: str | Path | None, **model_kwargs: Any
 ) -> nn.Module:
-    import timm
-
+    """The timm model of a pretrained-encoder variant, frozen, through `TimmBackbone`."""
+    name = TIMM_NAMES[encoder]
+    weights: bool | str = bool(pretrained)
     if checkpoint_path is not None:
-        path = Path(checkpoint_path).expanduser()
+        path = Path(checkpoint_path).expanduser().absolute()
         if not path.is_file():
             raise FileNotFoundError(
                 f"Coordinator encoder checkpoint not found: {path}. Point `checkpoint_path` at a "
                 f"weights file for timm '{name}', or set it to null to use the timm/HF hub weights."
             )
         log.info("Coordinator encoder %s: weights from %s", name, path)
-        return timm.create_model(
-            name,
-            pretrained=True,
-            num_classes=0,
-            pretrained_cfg_overlay={"file": str(path)},
-            **model_kwargs,
-        )
-    if pretrained and name == "resnet50":
+        weights = str(path)  # an absolute path: TimmBackbone reads it as a file, never as a tag
+    elif pretrained and encoder == "dino_rn50":
         raise ValueError(
             "Encoder 'dino_rn50' has no timm hub weights; set `checkpoint_path` to DINO's "
             "dino_resnet50_pretrain.pth (torchvision ResNet-50 keys), or pretrained=false for a "
             "random encoder."
         )
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
-    except Exception as e:  # offline hub, missing cache, ...
-        if not pretrained:
+        backbone = TimmBackbone(
+            f"coordinator_{encoder}", name, weights, trainable=False, num_classes=0, **model_kwargs
+        )
+    except FileNotFoundError as e:
+        if weights is not True:
             raise
         raise FileNotFoundError(
-            f"Could not load the pretrained Coordinator encoder timm '{name}' ({type(e).__name__}). "
-            "On a machine with internet run `python scripts/download_weights.py --coordinator` "
-            "(fills the Hugging Face cache), or set method.coordinator.checkpoint_path to a local "
-            "weights file, or method.coordinator.pretrained=false for a random frozen encoder."
+            f"{e} For the Coordinator: `python scripts/download_weights.py --coordinator` fetches "
+            "both ViT encoders; or set method.coordinator.checkpoint_path to a local weights file, "
+            "or method.coordinator.pretrained=false for a random frozen encoder."
         ) from e
+    return backbone.model
 
 
 def build_encoder(
@@ -215,22 +215,16 @@ def build_encoder(
         input cube directly); ``input_size`` is None when the encoder takes the image as it comes.
     """
     if name not in ENCODERS:
-        import difflib
-
-        close = difflib.get_close_matches(name, ENCODERS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(
-            f"Unknown Coordinator encoder '{name}'; available: {', '.join(ENCODERS)}{hint}"
-        )
+        raise ValueError(unknown_name("Coordinator encoder", name, ENCODERS))
     if name in ("vit_mae_base", "vit_base"):
         # The official code runs the HF ports, whose configs use LayerNorm eps 1e-12 (timm's
         # default is 1e-6); the eps is not a weight, so match it here.
         norm = partial(nn.LayerNorm, eps=1e-12)
-        model = _create_timm(TIMM_NAMES[name], pretrained, checkpoint_path, norm_layer=norm)
+        model = _create_timm(name, pretrained, checkpoint_path, norm_layer=norm)
         size = model.patch_embed.img_size
         return _TimmViTFeature(model, pre_norm=name == "vit_mae_base"), model.num_features, size[0]
     if name == "dino_rn50":
-        model = _create_timm(TIMM_NAMES[name], pretrained, checkpoint_path)
+        model = _create_timm(name, pretrained, checkpoint_path)
         return _TimmPooledFeature(model), model.num_features, 224
     if name == "scratch":
         if pretrained or checkpoint_path is not None:
