@@ -1,10 +1,23 @@
-"""ECE and the zero-shot head against direct computations."""
+"""Every metric of reprolab.metrics against an independent computation (numpy, scikit-learn, by
+hand), and the zero-shot head against a direct computation."""
 
+import math
+
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from reprolab.methods.base import GroupAccuracy
-from reprolab.metrics.calibration import expected_calibration_error
+from reprolab.metrics.calibration import ECE_BINS, ECE_BINS_ROBUST_FT, expected_calibration_error
+from reprolab.metrics.classification import (
+    BrierScore,
+    NegativeLogLikelihood,
+    top1_accuracy,
+)
+from reprolab.metrics.group import GroupAccuracy, group_accuracies
+from reprolab.metrics.likelihood import TokenNLL, bits_per_dim, perplexity
+from reprolab.metrics.ood import ScoreCollector, ood_metrics
+from reprolab.metrics.retrieval import recall_at_k
 
 
 def test_ece_hand_computed() -> None:
@@ -20,14 +33,121 @@ def test_ece_hand_computed() -> None:
     assert abs(expected_calibration_error(probs.log(), labels, n_bins=10) - 0.4) < 1e-6
 
 
-def test_worst_group_accuracy() -> None:
-    m = GroupAccuracy(num_groups=3)
+def test_worst_and_average_group_accuracy() -> None:
+    m = GroupAccuracy(num_groups=4)  # group 3 never occurs: left out of worst and average
     preds = torch.tensor([0, 1, 1, 0, 1, 1])
     labels = torch.tensor([0, 1, 0, 0, 1, 0])
     groups = torch.tensor([0, 0, 1, 1, 2, 2])
-    m.update(preds, labels, groups)
-    # group accs: g0 2/2, g1 1/2, g2 1/2 -> worst 0.5
-    assert float(m.compute()) == 0.5
+    m.update(preds[:3], labels[:3], groups[:3])  # accumulates across batches
+    m.update(preds[3:], labels[3:], groups[3:])
+    # group accs: g0 2/2, g1 1/2, g2 1/2 -> worst 0.5, average 2/3
+    out = m.compute()
+    assert float(out["worst"]) == 0.5
+    assert float(out["average"]) == pytest.approx(2 / 3)
+    accs = group_accuracies(preds, labels, groups, 4)
+    assert accs[:3].tolist() == [1.0, 0.5, 0.5] and torch.isnan(accs[3])
+    with pytest.raises(ValueError, match="out of range"):
+        m.update(preds, labels, torch.full_like(groups, 4))
+
+
+def _numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inb = (conf > lo) & (conf <= hi)
+        if inb.any():
+            ece += inb.mean() * abs((pred[inb] == labels[inb]).mean() - conf[inb].mean())
+    return ece
+
+
+@pytest.mark.parametrize("n_bins", [ECE_BINS, ECE_BINS_ROBUST_FT])
+def test_ece_against_numpy(n_bins: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(500, 7, generator=g)
+    labels = torch.randint(0, 7, (500,), generator=g)
+    expected = _numpy_ece(logits.softmax(-1).double().numpy(), labels.numpy(), n_bins)
+    assert expected_calibration_error(logits, labels, n_bins) == pytest.approx(expected, abs=1e-5)
+
+
+def test_accuracy_nll_brier_against_sklearn() -> None:
+    from sklearn.metrics import accuracy_score, log_loss
+
+    g = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(300, 5, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    probs = logits.double().softmax(-1).numpy()
+    y = labels.numpy()
+    assert top1_accuracy(logits, labels) == pytest.approx(
+        100 * accuracy_score(y, probs.argmax(1)), abs=1e-4
+    )
+    nll, brier = NegativeLogLikelihood(), BrierScore()
+    for chunk in range(3):  # batched accumulation equals the whole-set mean
+        sl = slice(100 * chunk, 100 * (chunk + 1))
+        nll.update(logits[sl], labels[sl])
+        brier.update(logits[sl], labels[sl])
+    assert float(nll.compute()) == pytest.approx(log_loss(y, probs, labels=range(5)), abs=1e-5)
+    onehot = np.eye(5)[y]
+    assert float(brier.compute()) == pytest.approx(((probs - onehot) ** 2).sum(1).mean(), abs=1e-5)
+
+
+def test_ood_metrics_against_sklearn() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    g = torch.Generator().manual_seed(2)
+    id_s = torch.randn(400, generator=g) + 1.0
+    ood_s = torch.randn(300, generator=g)
+    out = ood_metrics(id_s, ood_s)
+    y = np.r_[np.ones(400), np.zeros(300)]
+    s = torch.cat([id_s, ood_s]).numpy()
+    assert out["auroc"] == pytest.approx(100 * roc_auc_score(y, s), abs=1e-4)
+    assert out["aupr_in"] == pytest.approx(100 * average_precision_score(y, s), abs=1e-4)
+    assert out["aupr_out"] == pytest.approx(100 * average_precision_score(1 - y, -s), abs=1e-4)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert out["fpr95"] == pytest.approx(100 * fpr[tpr >= 0.95].min(), abs=1e-4)
+    # separable scores: perfect detection
+    perfect = ood_metrics(torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.0, 1.0]))
+    assert perfect["auroc"] == 100.0 and perfect["fpr95"] == 0.0
+    with pytest.raises(ValueError, match="both sets"):
+        ood_metrics(id_s, torch.empty(0))
+
+
+def test_score_collector_concatenates_batches() -> None:
+    c = ScoreCollector()
+    c.update(torch.tensor([1.0, 2.0]))
+    c.update(torch.tensor([[3.0]]))
+    assert c.compute().tolist() == [1.0, 2.0, 3.0]
+
+
+def test_recall_at_k_by_hand() -> None:
+    # 3 images, 5 captions; caption j belongs to image text_to_image[j].
+    text_to_image = torch.tensor([0, 0, 1, 2, 2])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.8, 0.0, 0.0],  # image 0: top-1 caption 0 (its own)
+            [0.7, 0.2, 0.3, 0.1, 0.0],  # image 1: top-1 caption 0 (wrong), its caption 2 is 2nd
+            [0.0, 0.0, 0.0, 0.2, 0.1],  # image 2: top-1 caption 3 (its own)
+        ]
+    )
+    out = recall_at_k(sim, text_to_image, ks=(1, 2))
+    assert out["i2t_r@1"] == pytest.approx(100 * 2 / 3)
+    assert out["i2t_r@2"] == pytest.approx(100.0)
+    # captions' top image: c0 -> 0 ok, c1 -> 1 (wrong), c2 -> 0 (wrong), c3 -> 2 ok, c4 -> 2 ok
+    assert out["t2i_r@1"] == pytest.approx(100 * 3 / 5)
+    # top-2: c1 -> {1, 0} ok, c2 -> {0, 1} ok
+    assert out["t2i_r@2"] == pytest.approx(100.0)
+
+
+def test_perplexity_and_bits() -> None:
+    nll = torch.tensor([math.log(4.0)] * 6)  # a uniform 4-way guess per token
+    m = TokenNLL()
+    m.update(nll[:4].sum(), 4)
+    m.update(nll[4:].sum(), 2)
+    out = m.compute()
+    assert float(out["perplexity"]) == pytest.approx(4.0)
+    assert float(out["bits_per_token"]) == pytest.approx(2.0)
+    assert perplexity(float(nll.sum()), 6) == pytest.approx(4.0)
+    assert bits_per_dim(6 * math.log(2), 3) == pytest.approx(2.0)
 
 
 def test_zeroshot_head_matches_direct_computation() -> None:

@@ -17,7 +17,7 @@ ImageNet-A/R labels are the rank of the image's wnid among the 200 sorted wnids;
 rank of its folder among the 113 mapped folders, and images lose a 2-pixel border (the red frame).
 
 `index_groups` maps each class of a shift set to ImageNet indices: a 1000-way head is evaluated on A/R by
-keeping the 200 columns and on ObjectNet by the max over each class's 1-3 columns (`project_logits`).
+keeping the 200 columns and on ObjectNet by the max over each class's 1-3 columns (`reprolab.metrics.projection.project_logits`).
 `get_spec("imagenet", shift_sets=[...])` adds the shift sets as extra test sets (labels in their own
 space; `spec.test_index_groups[name]` says how to project the 1000-way logits). A shift set on its own
 (`data=imagenet_r`) trains/validates on the ImageNet images of its classes, relabelled.
@@ -34,8 +34,6 @@ import logging
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-
-import torch
 
 from reprolab.data import sources
 from reprolab.data.datasets._common import LocalSpec, Step, assets, templates_for
@@ -114,19 +112,6 @@ def resolve_objectnet_mappings(mappings: str | Path) -> list[tuple[str, str, lis
             )
         out.append((name_to_folder[name], name, [name_to_torch[n] for n in names.split("; ")]))
     return sorted(out)
-
-
-def project_logits(logits: torch.Tensor, index_groups: list[list[int]] | None) -> torch.Tensor:
-    """(B, 1000) ImageNet logits -> (B, len(index_groups)) logits of a shift set (max within a group)."""
-    if index_groups is None:
-        return logits
-    if all(len(g) == 1 for g in index_groups):
-        return logits[:, [g[0] for g in index_groups]]
-    width = max(len(g) for g in index_groups)
-    padded = torch.tensor(
-        [g + [g[0]] * (width - len(g)) for g in index_groups], device=logits.device
-    )
-    return logits[:, padded].amax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------

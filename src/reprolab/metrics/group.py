@@ -1,0 +1,47 @@
+"""Group robustness: accuracy per group, worst-group and average-group accuracy.
+
+Groups are (label, attribute) combinations such as Waterbirds' (bird, background). Worst-group
+accuracy is the minimum over groups that occur in the evaluated data (Sagawa et al., ICLR 2020);
+average-group accuracy is the unweighted mean over those groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def group_accuracies(preds: Tensor, labels: Tensor, groups: Tensor, num_groups: int) -> Tensor:
+    """Accuracy (fraction) per group; NaN for a group with no sample. -> (num_groups,)."""
+    correct = torch.bincount(groups, weights=(preds == labels).double(), minlength=num_groups)
+    total = torch.bincount(groups, minlength=num_groups).double()
+    return torch.where(total > 0, correct / total.clamp(min=1), torch.nan)
+
+
+class GroupAccuracy(Metric):
+    """Accuracy per group (DDP-safe sums); `compute` gives `{"worst", "average"}` as fractions."""
+
+    full_state_update = False
+
+    def __init__(self, num_groups: int) -> None:
+        super().__init__()
+        self.num_groups = int(num_groups)
+        self.add_state(
+            "correct", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("total", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, labels: Tensor, groups: Tensor) -> None:
+        if groups.numel() and int(groups.max()) >= self.num_groups:
+            raise ValueError(
+                f"group index {int(groups.max())} out of range for num_groups={self.num_groups}"
+            )
+        n = self.num_groups
+        self.correct += torch.bincount(groups, weights=(preds == labels).double(), minlength=n)
+        self.total += torch.bincount(groups, minlength=n).double()
+
+    def compute(self) -> dict[str, Tensor]:
+        seen = self.total > 0
+        acc = self.correct[seen] / self.total[seen]
+        return {"worst": acc.min().float(), "average": acc.mean().float()}
