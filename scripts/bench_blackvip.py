@@ -36,6 +36,7 @@ SPSA_KW = {"a": 0.01, "c": 0.01, "alpha": 0.4, "gamma": 0.1, "momentum": 0.9}  #
 
 
 def build(arch: str, device: str, batch: int, encoder: str):
+    from reprolab.data.info import ImageClassificationInfo
     from reprolab.methods.prompting.blackvip import BlackVIP
     from reprolab.methods.prompting.vp import VP
     from reprolab.models.clip import CLIPBackbone
@@ -47,7 +48,8 @@ def build(arch: str, device: str, batch: int, encoder: str):
     coord = {"encoder": encoder, "pretrained": False}
     if encoder == "vit_mae_base":
         coord["src_dim"] = 1568
-    common = dict(name="bench", classnames=classnames, templates=templates)
+    info = ImageClassificationInfo(name="bench", classnames=classnames, templates=templates)
+    common = dict(name="bench", info=info)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -76,7 +78,7 @@ def throughput(args) -> dict:
         args.arch, args.device, args.batch, args.encoder
     )
     method = BlackVIP(
-        backbone=backbone, coordinator=coord, eps=1.0, seed=1, spsa=SPSA_KW, **common
+        model=backbone, coordinator=coord, eps=1.0, seed=1, spsa=SPSA_KW, **common
     ).to(args.device)
     method.train()
     oracle = method.oracle
@@ -129,7 +131,7 @@ def memory_child(args) -> dict:
         # "blackvip_sequential": one perturbation at a time (decode, prompt, query), the memory
         # fallback; "blackvip": all 2q perturbations decoded and queried in one batched call.
         m = BlackVIP(
-            backbone=backbone,
+            model=backbone,
             coordinator=coord,
             eps=1.0,
             seed=1,
@@ -138,7 +140,7 @@ def memory_child(args) -> dict:
             **common,
         )
     else:
-        m = VP(backbone=backbone, **common)
+        m = VP(model=backbone, **common)
         m.setup("fit")
     m = m.to(args.device).train()
 

@@ -16,9 +16,10 @@ from reprolab.data import fewshot
 from reprolab.data.datamodule import ClassificationDataModule
 from reprolab.data.datasets import imagenet as inet
 from reprolab.data.fewshot import fewshot_splits, sample_fewshot
+from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import get_spec
-from reprolab.methods.base import ClassificationMethod
 from reprolab.data.transforms import Preprocess
+from reprolab.methods.base import ClassificationMethod
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from make_data_tree import decode_index, make_coop_tree, make_imagenet_tree  # noqa: E402
@@ -123,14 +124,7 @@ def inet_tree(tmp_path_factory):
 
 
 def _test(dm: ClassificationDataModule) -> dict[str, float]:
-    method = FakeImageNetModel(
-        name="fake",
-        backbone=None,
-        classnames=dm.classnames,
-        templates=dm.templates,
-        test_sets=dm.test_sets,
-        test_index_groups=dm.test_index_groups,
-    )
+    method = FakeImageNetModel(name="fake", model=None, info=dm.info)
     trainer = L.Trainer(
         accelerator="cpu",
         logger=False,
@@ -203,13 +197,17 @@ def test_every_shift_set_logged_in_its_own_label_space(inet_tree):
 
 
 def test_method_checks_index_groups():
-    kw = {"name": "x", "backbone": None, "classnames": ["a", "b", "c"], "templates": ["{}"]}
+    def info(*sets: TestSet) -> ImageClassificationInfo:
+        return ImageClassificationInfo(
+            "x", classnames=("a", "b", "c"), templates=("{}",), test_sets=sets
+        )
+
     m = ClassificationMethod(
-        **kw, test_sets=["test", "sub"], test_index_groups={"test": None, "sub": [[0], [2, 1]]}
+        name="x", model=None, info=info(TestSet("test"), TestSet("sub", "shift", ((0,), (2, 1))))
     )
     assert [t["acc"].num_classes for t in m.test_metrics] == [3, 2]
     assert m.val_metrics["acc"].num_classes == 3
-    with pytest.raises(ValueError, match="not test sets"):
-        ClassificationMethod(**kw, test_sets=["test"], test_index_groups={"other": [[0]]})
     with pytest.raises(ValueError, match="indices into the 3 classes"):
-        ClassificationMethod(**kw, test_sets=["test"], test_index_groups={"test": [[0], [3]]})
+        ClassificationMethod(name="x", model=None, info=info(TestSet("test", "id", ((0,), (3,)))))
+    with pytest.raises(ValueError, match="role 'odd'"):
+        TestSet("test", "odd")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -18,10 +19,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from reprolab.callbacks import Throughput
 from reprolab.utils.config import validate_config
 from reprolab.utils.run_record import (
     FAILED_FILE,
     METRICS_FILE,
+    ROUNDS_FILE,
     git_info,
     now,
     read_record,
@@ -32,12 +35,12 @@ from reprolab.utils.run_record import (
 log = logging.getLogger("reprolab")
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`auto` → `<run_dir>/checkpoints/last.ckpt` when it exists (a restart is a resume)."""
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path | None = None) -> str | None:
+    """`auto` → `<ckpt_dir>/last.ckpt` when it exists (a restart is a resume)."""
     if cfg.ckpt_path in (None, "null", "none"):
         return None
     if cfg.ckpt_path == "auto":
-        last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+        last = (ckpt_dir or Path(cfg.paths.run_dir) / "checkpoints") / "last.ckpt"
         return str(last) if last.is_file() else None
     path = Path(cfg.ckpt_path)
     if not path.is_file():
@@ -54,12 +57,18 @@ def _build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def _build_callbacks(cfg: DictConfig) -> list:
+def _build_callbacks(cfg: DictConfig, ckpt_dir: Path | None = None) -> list:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     callbacks = [
         hydra.utils.instantiate(c)
         for c in (cfg.get("callbacks") or {}).values()
         if c is not None and "_target_" in c
     ]
+    if ckpt_dir is not None:  # a round of an outer loop keeps its own checkpoints
+        for c in callbacks:
+            if isinstance(c, ModelCheckpoint):
+                c.dirpath = str(ckpt_dir)
     if _interactive() and cfg.get("progress_bar", True):
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -109,44 +118,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule = _instantiate_data(cfg)  # fails fast if data is missing
-        backbone = hydra.utils.instantiate(cfg.model)
-        preprocess = backbone.preprocess
-        method_cls = hydra.utils.get_class(cfg.method._target_)
-        if hasattr(method_cls, "input_preprocess"):  # e.g. BAR feeds 194 px images into a frame
-            preprocess = method_cls.input_preprocess(preprocess, cfg.method)
-        datamodule.set_preprocess(preprocess)
+        model = hydra.utils.instantiate(cfg.model) if cfg.get("model") else None
         method = hydra.utils.instantiate(cfg.method, _convert_="all")(
-            backbone=backbone,
-            classnames=datamodule.classnames,
-            templates=datamodule.templates,
-            test_sets=datamodule.test_sets,
-            test_index_groups=datamodule.test_index_groups,
-            num_groups=datamodule.num_groups,
+            model=model, info=datamodule.info
         )
+        datamodule.configure(**method.data_requirements())
         loggers = _build_loggers(cfg)
         wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
         wandb_used = bool(wandb_loggers)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer,
-            logger=loggers or False,
-            callbacks=_build_callbacks(cfg),
-            default_root_dir=str(run_dir),
-            enable_progress_bar=_interactive() and cfg.get("progress_bar", True),
-        )
+        throughput = Throughput()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        if cfg.train:
-            ckpt = resolve_ckpt_path(cfg)
-            if ckpt:
-                log.info("Resuming from %s", ckpt)
-            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
-        results = trainer.test(method, datamodule=datamodule, verbose=False)
-        metrics: dict[str, float] = {}
-        for r in results:
-            metrics.update({k: float(v) for k, v in r.items()})
-        metrics.update(getattr(method, "extra_metrics", lambda: {})())
+        metrics, trainer, rounds = _fit_and_test(cfg, method, datamodule, loggers, throughput)
+        metrics.update(method.extra_metrics())
+        metrics.update(method.param_counts())
+        metrics.update(throughput.metrics(metrics.get("train/images")))
         record.update(
             status="finished",
             metrics=dict(sorted(metrics.items())),
@@ -155,7 +143,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             wandb_id=_wandb_id(run_dir),
             finished_at=now(),
             global_step=int(trainer.global_step),
+            task=datamodule.info.kind,
         )
+        if rounds is not None:
+            record["rounds"] = rounds
         write_json_atomic(run_dir / METRICS_FILE, record)
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
         for lg in wandb_loggers:
@@ -170,6 +161,112 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
+
+
+def _trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(cfg.paths.run_dir),
+        enable_progress_bar=_interactive() and cfg.get("progress_bar", True),
+    )
+
+
+def _test_metrics(trainer: L.Trainer, method: L.LightningModule, datamodule: Any) -> dict:
+    results = trainer.test(method, datamodule=datamodule, verbose=False)
+    metrics: dict[str, float] = {}
+    for r in results:
+        metrics.update({k: float(v) for k, v in r.items()})
+    return metrics
+
+
+def _fit_and_test(
+    cfg: DictConfig, method: Any, datamodule: Any, loggers: list, throughput: Throughput
+) -> tuple[dict[str, float], L.Trainer, list[dict[str, Any]] | None]:
+    """Fit (unless post-hoc) and test; with rounds, once per round, resuming where a run died.
+
+    One round: checkpoints in `<run_dir>/checkpoints`. Several: round r keeps its own in
+    `<run_dir>/checkpoints/round<r>`, and `<run_dir>/rounds.json` holds, per finished round, its
+    test metrics and the method's `round_state()`; a restarted run restores the last finished
+    round (state and weights) and continues with the next, or inside the round it died in.
+    """
+    run_dir = Path(cfg.paths.run_dir)
+    if method.num_rounds == 1:
+        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput])
+        if cfg.train:
+            ckpt = resolve_ckpt_path(cfg)
+            if ckpt:
+                log.info("Resuming from %s", ckpt)
+            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+        return _test_metrics(trainer, method, datamodule), trainer, None
+
+    rounds_file = run_dir / ROUNDS_FILE
+    fresh = cfg.ckpt_path in (None, "null", "none")
+    done: list[dict[str, Any]] = []
+    if rounds_file.is_file() and not fresh:
+        done = json.loads(rounds_file.read_text())["rounds"]
+    restore: list[L.Callback] = []
+    if done:
+        last = len(done) - 1
+        method.load_round_state(done[-1].get("state", {}), datamodule)
+        ckpt = run_dir / "checkpoints" / f"round{last}" / "last.ckpt"
+        if cfg.train and ckpt.is_file():
+            restore = [_RestoreWeights(ckpt)]
+        log.info("Resuming after round %d of %d (%s)", last, method.num_rounds, rounds_file)
+    trainer = None
+    metrics: dict[str, float] = {}
+    for r in range(len(done), method.num_rounds):
+        ckpt_dir = run_dir / "checkpoints" / f"round{r}"
+        method.start_round(r, datamodule)
+        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg, ckpt_dir), throughput, *restore])
+        restore = []
+        if cfg.train:
+            ckpt = resolve_ckpt_path(cfg, ckpt_dir) if not fresh else None
+            if ckpt:
+                log.info("Round %d: resuming from %s", r, ckpt)
+            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+        metrics = _test_metrics(trainer, method, datamodule)
+        done.append(
+            {"round": r, "metrics": dict(sorted(metrics.items())), "state": method.round_state()}
+        )
+        write_json_atomic(rounds_file, {"rounds": done})
+        log.info("Round %d of %d done: %s", r, method.num_rounds, _headline(metrics, cfg))
+    if trainer is None:  # every round had finished before this start: test the restored method
+        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput, *restore])
+        metrics = _test_metrics(trainer, method, datamodule)
+    return metrics, trainer, done
+
+
+class _RestoreWeights(L.Callback):
+    """Loads a finished round's weights (not its loop state) once the method is set up.
+
+    At `on_fit_start` / `on_test_start` the method's `setup` has built what it builds lazily (a
+    linear probe's head); the copy is in place, so the optimizer's parameter references hold.
+    """
+
+    def __init__(self, ckpt: Path) -> None:
+        self.ckpt = ckpt
+        self.done = False
+
+    def _load(self, pl_module: L.LightningModule) -> None:
+        if self.done:
+            return
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        pl_module.on_load_checkpoint(state)
+        pl_module.load_state_dict(state["state_dict"])
+        self.done = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load(pl_module)
+
+
+def _headline(metrics: dict[str, float], cfg: DictConfig) -> str:
+    key = str(cfg.paper.metric)
+    return f"{key}={metrics[key]:.4g}" if key in metrics else f"{len(metrics)} metrics"
 
 
 def _instantiate_data(cfg: DictConfig):

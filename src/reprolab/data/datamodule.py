@@ -14,15 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from reprolab.data.base import TaskDataModule
 from reprolab.data.fewshot import fewshot_cache_dir, fewshot_splits
+from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
 from reprolab.data.transforms import Preprocess, build_transforms
 
 log = logging.getLogger(__name__)
+
 
 class EpochSeededSampler(Sampler[int]):
     """A random permutation per epoch that depends only on (seed, epoch).
@@ -59,15 +61,18 @@ class _Transformed(Dataset):
         return item
 
 
-class ClassificationDataModule(L.LightningDataModule):
-    """Train (k-shot) / val / test sets of one dataset spec, with the backbone's transforms.
+class ClassificationDataModule(TaskDataModule):
+    """Train (k-shot) / val / test sets of one dataset spec, with the method's input transforms.
 
     The spec is checked at construction so a missing dataset fails before any model is built.
-    Call `set_preprocess(backbone.preprocess)` before the loaders are used.
+    `info` is an `ImageClassificationInfo`; the method's `preprocess` requirement arrives through
+    `configure(preprocess=...)` (or `set_preprocess`) before the loaders are used.
 
     `test_index_groups[name]` is None for a test set labelled in the training label space, else the
     list, per class of that set, of the training-class indices it covers (`project_logits`).
     """
+
+    accepts = ("preprocess",)
 
     def __init__(
         self,
@@ -123,13 +128,36 @@ class ClassificationDataModule(L.LightningDataModule):
     def num_groups(self) -> int | None:
         return self.spec.num_groups
 
+    @property
+    def info(self) -> ImageClassificationInfo:
+        roles = self.spec.test_roles()
+        groups = self.test_index_groups
+        return ImageClassificationInfo(
+            name=self.name,
+            classnames=tuple(self.classnames),
+            templates=tuple(self.templates),
+            test_sets=tuple(
+                TestSet(
+                    n,
+                    roles[n],
+                    None
+                    if groups[n] is None
+                    else tuple(tuple(int(i) for i in g) for g in groups[n]),
+                )
+                for n in self.test_sets
+            ),
+            num_groups=self.num_groups,
+        )
+
     def set_preprocess(self, preprocess: Preprocess) -> None:
         self.preprocess = preprocess
         self._splits.clear()
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is None:
-            raise RuntimeError("Call set_preprocess(backbone.preprocess) before using the loaders.")
+            raise RuntimeError(
+                f"data={self.name}: configure(preprocess=...) must run before the loaders are used."
+            )
         if self._splits:
             return
         # CoOp's val subset only where there is a data folder to cache it in (real datasets).

@@ -61,15 +61,26 @@ class DatasetSpec:
     """Everything the framework knows about one dataset.
 
     Subclasses implement `load` (and `check`, `prepare` for real data). `test_sets` names the
-    evaluation splits; the first one is the primary test set (`test/acc`).
+    evaluation splits; the first one is the primary test set (`test/acc`) and has role `id`;
+    `ood_sets` (a subset of `test_sets`) hold inputs from outside the label space (role `ood`),
+    every other test set is a `shift`. `classnames` and `templates` may be empty for a dataset
+    without them (a method that needs them says so at build time).
     """
 
     name: str
-    classnames: list[str]
-    templates: list[str]
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
     test_sets: list[str] = field(default_factory=lambda: ["test"])
     source: str = ""  # human-readable origin (HF id + revision, URL, "synthetic")
     num_groups: int | None = None  # group-robustness data emits "group"
+    ood_sets: list[str] = field(default_factory=list)  # test sets from outside the label space
+
+    def test_roles(self) -> dict[str, str]:
+        """Role of each test set: the first is `id`, `ood_sets` are `ood`, the others `shift`."""
+        return {
+            n: "id" if i == 0 else "ood" if n in self.ood_sets else "shift"
+            for i, n in enumerate(self.test_sets)
+        }
 
     def check(self, root: Path) -> None:
         """Raise DataNotFoundError (with the command that fixes it) if the data is not ready."""

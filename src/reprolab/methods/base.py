@@ -1,19 +1,29 @@
-"""Base LightningModule for image classification methods; it owns evaluation.
+"""Method bases: the generic `Method` every family builds on, and the image-classification routine.
 
-Every test set of the data module is logged as `test/<set>/acc` (top-1, percent) and
-`test/<set>/ece` (fraction, equal-width bins); group data adds `test/<set>/worst_group_acc`.
-The first test set is also logged as `test/acc` and `test/ece` (what tables read by default).
-A test set labelled in a subset of the training label space (ImageNet-A/R: 200 of the 1000
-ImageNet classes; ObjectNet: 113 classes of 1-3 ImageNet classes each) is given as index groups; its
-logits are projected (`project_logits`: kept columns, or the max within each group) before accuracy
-and ECE, so the softmax of the ECE runs over that set's own classes (robust_finetuning.md §3.1-3.2).
+`Method(name, model, info, **hparams)` is what the runner needs from any method (docs/CONTRACTS.md):
+- it checks at build time that the task info provides what it `requires` (one-line error);
+- it declares the metric keys it logs (`metric_keys()`, fnmatch patterns), so a table whose metric no
+  method logs fails before launch;
+- it reports trainable / total parameters and its extra metrics for the run record;
+- it names its frozen parts (`freeze`), keeps them in eval mode and out of checkpoints;
+- it may declare an outer loop of rounds (`num_rounds`, `start_round`, `round_state`).
+
+`ClassificationMethod` is the routine for image classification: every test set of the task is
+evaluated by its role. `id` and `shift` sets log `test/<set>/acc` (top-1, percent), `ece` (fraction,
+equal-width bins), `nll`, `brier`, and on group data `worst_group_acc` / `avg_group_acc`; `ood` sets
+are scored (one score per sample, higher = in-distribution) and log `auroc`, `fpr95`, `aupr_in`,
+`aupr_out` (percent) against the first `id` test set, whose scores are collected alongside. The
+primary (first) test set is also logged as `test/acc`, `test/ece`, ... (what tables read by default).
+A test set labelled in a subset of the training classes (ImageNet-A/R, ObjectNet) carries index
+groups; its logits are projected (`project_logits`) before accuracy and ECE, so the softmax of the
+ECE runs over that set's own classes (robust_finetuning.md §3.1-3.2).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -21,170 +31,157 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from reprolab.data.datasets.imagenet import project_logits
+from reprolab.data.info import ImageClassificationInfo, TaskInfo, TaskInfoError, TestSet
+from reprolab.metrics.classification import BrierScore, NegativeLogLikelihood
+from reprolab.metrics.group import GroupAccuracy
+from reprolab.metrics.ood import ScoreCollector, ood_metrics
+from reprolab.metrics.projection import project_logits
 
 log = logging.getLogger(__name__)
 
 OptimFactory = Callable[..., torch.optim.Optimizer]
 SchedFactory = Callable[..., Any]
 
-
-class GroupAccuracy(Metric):
-    """Accuracy per group (DDP-safe sums); `compute` returns the worst group's accuracy."""
-
-    def __init__(self, num_groups: int) -> None:
-        super().__init__()
-        self.add_state("correct", torch.zeros(num_groups), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(num_groups), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, labels: Tensor, groups: Tensor) -> None:
-        n = self.total.numel()
-        self.correct += torch.bincount(groups, weights=(preds == labels).float(), minlength=n)
-        self.total += torch.bincount(groups, minlength=n).float()
-
-    def compute(self) -> Tensor:
-        seen = self.total > 0
-        return (self.correct[seen] / self.total[seen]).min()
+COST_KEYS: tuple[str, ...] = ("params/*", "throughput/*")  # written by the runner for every method
 
 
-class ClassificationMethod(L.LightningModule):
-    """A method that classifies images into `classnames` with a (frozen) backbone it does not own.
-
-    Subclasses implement `logits(images) -> (B, C)`; trainable methods add `training_step` and
-    either pass an `optimizer` factory or override `configure_optimizers`.
+class Method(L.LightningModule):
+    """Base of every method: a LightningModule around a model it may or may not own.
 
     Args:
-        name: method config name.
-        backbone: frozen backbone (`CLIPBackbone`); black-box methods wrap it in `BlackBox`.
-        classnames: class names in label order.
-        templates: prompt templates with `{}` for the class name.
-        test_sets: names of the data module's test sets, in dataloader order.
-        test_index_groups: per test set, None (labelled like `classnames`) or, per class of that
-            set, the indices into `classnames` it covers (the data module's `test_index_groups`).
-        num_groups: number of groups when the data emits `group` (worst-group accuracy).
-        ece_bins: equal-width confidence bins for ECE.
+        name: method config name (lands in hparams and the run record).
+        model: what `cfg.model` built (a backbone, a network), or None.
+        info: the data module's task info (`reprolab.data.info`).
         optimizer: partial optimizer factory (`torch.optim.AdamW` with its kwargs).
-        scheduler: partial LR scheduler factory.
+        scheduler: partial LR scheduler factory (stepped every optimizer step).
         post_hoc: nothing to train (`train=false` runs test only); read by `validate_config`.
+        rounds: outer-loop rounds (active-learning acquisitions, sequential inference rounds); the
+            runner fits once per round. Methods with rounds implement `start_round`.
     """
 
-    train_backbone: bool = False
+    info_type: ClassVar[type[TaskInfo]] = TaskInfo
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         name: str,
-        backbone: nn.Module | None,
-        classnames: list[str],
-        templates: list[str],
-        test_sets: list[str] | None = None,
-        test_index_groups: dict[str, list[list[int]] | None] | None = None,
-        num_groups: int | None = None,
-        ece_bins: int = 15,
+        model: nn.Module | None = None,
+        info: TaskInfo | None = None,
         optimizer: OptimFactory | None = None,
         scheduler: SchedFactory | None = None,
         post_hoc: bool = False,
+        rounds: int = 1,
     ) -> None:
         super().__init__()
-        # index groups are derived from the data config (up to 1000 ints): kept out of hparams
-        self.save_hyperparameters(
-            ignore=["backbone", "optimizer", "scheduler", "test_index_groups"]
-        )
+        self.save_hyperparameters(ignore=["model", "info", "optimizer", "scheduler"])
         self.name = name
-        if backbone is not None:  # black-box methods pass None and keep only a query oracle
-            self.backbone = backbone.requires_grad_(self.train_backbone)
-        self.classnames = list(classnames)
-        self.templates = list(templates)
-        self.test_sets = list(test_sets or ["test"])
+        self.info = self.check_info(name, info)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        c = len(self.classnames)
-        self.test_index_groups = _index_groups(self.test_sets, test_index_groups, c)
+        self.num_rounds = int(rounds)
+        if self.num_rounds < 1:
+            raise ValueError(f"method={name}: rounds must be >= 1, got {rounds}.")
+        self._frozen: list[str] = []
 
-        def collection(k: int) -> MetricCollection:
-            metrics: dict[str, Metric] = {
-                "acc": MulticlassAccuracy(k, average="micro"),
-                "ece": MulticlassCalibrationError(k, n_bins=ece_bins, norm="l1"),
-            }
-            if num_groups:
-                metrics["worst_group_acc"] = GroupAccuracy(num_groups)
-            return MetricCollection(metrics)
+    # -- build-time contract --------------------------------------------------------------------
+    @classmethod
+    def check_info(cls, name: str, info: TaskInfo | None) -> TaskInfo:
+        """The info, checked against `info_type` and `requires` (one line naming what is missing)."""
+        if info is None:
+            raise TaskInfoError(f"method={name} was built without task info (data module `info`).")
+        if not isinstance(info, cls.info_type):
+            raise TaskInfoError(
+                f"method={name} needs a {cls.info_type.kind} task, but data={info.name} is a "
+                f"{info.kind} task."
+            )
+        info.require(name, *cls.requires)
+        return info
 
-        self.val_metrics = collection(c)
-        self.test_metrics = nn.ModuleList(
-            collection(c if g is None else len(g)) for g in self.test_index_groups
-        )
+    @classmethod
+    def metric_keys(cls) -> tuple[str, ...]:
+        """Keys (fnmatch patterns) this method logs into its run record."""
+        return ("train/loss", *COST_KEYS)
 
-    def train(self, mode: bool = True) -> ClassificationMethod:
+    def data_requirements(self) -> dict[str, Any]:
+        """What the data module must be configured with before its loaders run (values only)."""
+        return {}
+
+    # -- frozen parts ---------------------------------------------------------------------------
+    def freeze(self, *names: str) -> None:
+        """Freeze the named child modules: no gradients, eval mode, not in checkpoints."""
+        for n in names:
+            getattr(self, n).requires_grad_(False).eval()
+            if n not in self._frozen:
+                self._frozen.append(n)
+
+    def frozen_state_prefixes(self) -> list[str]:
+        """State-dict prefixes a checkpoint must not hold (rebuilt from `cfg.model`)."""
+        out = [f"{n}." for n in self._frozen]
+        for child_name, child in self.named_children():
+            if child_name in self._frozen:
+                continue
+            prefixes = getattr(child, "frozen_state_prefixes", None)
+            if callable(prefixes):
+                out += [f"{child_name}.{p}" for p in prefixes()]
+        return out
+
+    def train(self, mode: bool = True) -> Method:
         super().train(mode)
-        if not self.train_backbone and hasattr(self, "backbone"):
-            self.backbone.eval()  # keep pretrained norm/dropout behaviour
+        for n in getattr(self, "_frozen", []):
+            getattr(self, n).eval()  # keep pretrained norm / dropout behaviour
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A frozen backbone is described by cfg.model and rebuilt from its source: keeping it out
-        # of checkpoints saves ~600 MB per ViT-B/16 run.
-        if not self.train_backbone:
+        # Frozen parts are described by cfg.model and rebuilt from their source: keeping them out of
+        # checkpoints saves ~600 MB per ViT-B/16 run.
+        prefixes = tuple(self.frozen_state_prefixes())
+        if prefixes:
             sd = checkpoint["state_dict"]
-            for key in [k for k in sd if k.startswith("backbone.")]:
+            for key in [k for k in sd if k.startswith(prefixes)]:
                 del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.train_backbone and hasattr(self, "backbone"):
+        prefixes = tuple(self.frozen_state_prefixes())
+        if prefixes:
             sd = checkpoint["state_dict"]
-            for key, value in self.backbone.state_dict(prefix="backbone.").items():
-                sd.setdefault(key, value)
+            for key, value in self.state_dict().items():
+                if key.startswith(prefixes):
+                    sd.setdefault(key, value)
 
-    def logits(self, images: Tensor) -> Tensor:  # (B, C)
-        raise NotImplementedError
+    # -- what the run record holds --------------------------------------------------------------
+    def param_counts(self) -> dict[str, float]:
+        """`params/trainable` and `params/total` (each tensor counted once)."""
+        seen: set[int] = set()
+        trainable = total = 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        total += self.extra_parameter_count()
+        return {"params/trainable": float(trainable), "params/total": float(total)}
 
-    def register_text_head(self) -> None:
-        """`self.head`: the backbone's zero-shot head for this task, moved with the module."""
-        head = self.backbone.zeroshot_weights(self.classnames, self.templates)  # (C, D)
-        self.register_buffer("head", head.to(self.device), persistent=False)
+    def extra_parameter_count(self) -> int:
+        """Parameters the method uses but does not hold (a black-box target model)."""
+        return 0
 
-    def eval_logits(self, images: Tensor) -> Tensor:
-        """Logits used for evaluation (methods with train/eval differences override this)."""
-        return self.logits(images)
+    def extra_metrics(self) -> dict[str, float]:
+        """Metrics beyond what `test` logs (query counts, ...), added to the run record."""
+        return {}
 
-    @torch.no_grad()
-    def _update(
-        self,
-        metrics: MetricCollection,
-        batch: dict[str, Tensor],
-        index_groups: list[list[int]] | None = None,
-    ) -> None:
-        logits = project_logits(self.eval_logits(batch["image"]).float(), index_groups)
-        labels = batch["label"]
-        for key, metric in metrics.items():
-            if key == "worst_group_acc":
-                metric.update(logits.argmax(-1), labels, batch["group"])
-            elif key == "ece":
-                metric.update(logits.softmax(-1), labels)
-            else:
-                metric.update(logits, labels)
+    # -- rounds ---------------------------------------------------------------------------------
+    def start_round(self, round_idx: int, datamodule: L.LightningDataModule) -> None:
+        """Called before fitting round `round_idx` (0-based); acquisitions happen here."""
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._update(self.val_metrics, batch)
+    def round_state(self) -> dict[str, Any]:
+        """JSON-able state the runner stores after each round (acquired indices, ...)."""
+        return {}
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(_to_log(self.val_metrics.compute(), "val"), sync_dist=False)
-        self.val_metrics.reset()
+    def load_round_state(self, state: dict[str, Any], datamodule: L.LightningDataModule) -> None:
+        """Restore `round_state()` when a killed run resumes after a finished round."""
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(
-            self.test_metrics[dataloader_idx], batch, self.test_index_groups[dataloader_idx]
-        )
-
-    def on_test_epoch_end(self) -> None:
-        out: dict[str, float] = {}
-        for i, (name, metrics) in enumerate(zip(self.test_sets, self.test_metrics, strict=True)):
-            values = _to_log(metrics.compute(), f"test/{name}")
-            out.update(values)
-            if i == 0:
-                out.update({k.replace(f"test/{name}/", "test/"): v for k, v in values.items()})
-            metrics.reset()
-        self.log_dict(out, add_dataloader_idx=False)
-
+    # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
@@ -200,37 +197,213 @@ class ClassificationMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        log.info("%s: %d trainable / %d frozen parameters", self.name, trainable, frozen)
+        c = self.param_counts()
+        log.info(
+            "%s: %d trainable / %d total parameters",
+            self.name,
+            c["params/trainable"],
+            c["params/total"],
+        )
 
 
-def _index_groups(
-    test_sets: list[str], groups: dict[str, list[list[int]] | None] | None, num_classes: int
-) -> list[list[list[int]] | None]:
-    """Index groups in test-set order, checked against the test sets and the class count."""
-    groups = dict(groups or {})
-    unknown = sorted(set(groups) - set(test_sets))
-    if unknown:
-        raise ValueError(f"test_index_groups names {unknown}, which are not test sets {test_sets}")
+OOD_SCORES: dict[str, Callable[[Tensor], Tensor]] = {
+    # Post-hoc scores from logits, higher = more in-distribution.
+    "msp": lambda z: z.softmax(-1).max(-1).values,  # Hendrycks & Gimpel, ICLR 2017
+    "max_logit": lambda z: z.max(-1).values,  # Hendrycks et al., ICML 2022
+    "energy": lambda z: torch.logsumexp(z, -1),  # negative energy, Liu et al., NeurIPS 2020
+}
+
+
+class ClassificationMethod(Method):
+    """A method that classifies images of an `ImageClassificationInfo` task.
+
+    Subclasses implement `logits(images) -> (B, C)`; trainable ones add `training_step` and either
+    pass an `optimizer` factory or override `configure_optimizers`. The model (a backbone) is kept
+    as `self.backbone` and frozen unless the class sets `train_backbone = True`.
+
+    Args:
+        ece_bins: equal-width confidence bins for ECE (15; robust fine-tuning tables use 10).
+        ood_score: post-hoc OOD score of `ood` test sets (`msp`, `max_logit`, `energy`), used
+            unless the subclass overrides `ood_scores`.
+        **kwargs: see `Method`.
+    """
+
+    info_type = ImageClassificationInfo
+    requires = ("classnames",)
+    train_backbone: bool = False
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module | None = None,
+        info: ImageClassificationInfo | None = None,
+        ece_bins: int = 15,
+        ood_score: str = "msp",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, model, info, **kwargs)
+        if ood_score not in OOD_SCORES:
+            raise ValueError(
+                f"method={name}: unknown ood_score '{ood_score}'; choose from {sorted(OOD_SCORES)}."
+            )
+        info = self.info
+        if model is not None:  # black-box methods pass None and keep only a query oracle
+            self.backbone = model
+            if self.train_backbone:
+                model.requires_grad_(True)
+            else:
+                self.freeze("backbone")
+        self.classnames = list(info.classnames)
+        self.templates = list(info.templates)
+        self.ood_score = ood_score
+        self.test_specs: list[TestSet] = list(info.test_sets)
+        self.test_sets = [t.name for t in self.test_specs]
+        c = len(self.classnames)
+        self.test_index_groups = _index_groups(self.test_specs, c)
+        id_sets = [i for i, t in enumerate(self.test_specs) if t.role != "ood"]
+        if not id_sets:
+            raise TaskInfoError(f"data={info.name}: every test set is `ood`; one must be `id`.")
+        self._id_ref = next((i for i in id_sets if self.test_specs[i].role == "id"), id_sets[0])
+        self._has_ood = any(t.role == "ood" for t in self.test_specs)
+        num_groups = info.num_groups
+
+        def collection(k: int) -> MetricCollection:
+            metrics: dict[str, Metric] = {
+                "acc": MulticlassAccuracy(k, average="micro"),
+                "ece": MulticlassCalibrationError(k, n_bins=ece_bins, norm="l1"),
+                "nll": NegativeLogLikelihood(),
+                "brier": BrierScore(),
+            }
+            if num_groups:
+                metrics["group"] = GroupAccuracy(num_groups)
+            return MetricCollection(metrics)
+
+        self.val_metrics = collection(c)
+        self.test_metrics = nn.ModuleList(
+            ScoreCollector() if t.role == "ood" else collection(c if g is None else len(g))
+            for t, g in zip(self.test_specs, self.test_index_groups, strict=True)
+        )
+        self.id_scores = ScoreCollector()
+
+    @classmethod
+    def metric_keys(cls) -> tuple[str, ...]:
+        cls_keys = ("acc", "ece", "nll", "brier", "worst_group_acc", "avg_group_acc")
+        ood_keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
+        return (
+            *super().metric_keys(),
+            *(f"test/{k}" for k in cls_keys),
+            *(f"test/*/{k}" for k in (*cls_keys, *ood_keys)),
+            *(f"val/{k}" for k in cls_keys),
+        )
+
+    def data_requirements(self) -> dict[str, Any]:
+        return {"preprocess": self.input_preprocess()}
+
+    def input_preprocess(self) -> Any:
+        """How the data module must prepare images (the backbone's preprocessing by default)."""
+        return self.backbone.preprocess
+
+    def logits(self, images: Tensor) -> Tensor:  # (B, C)
+        raise NotImplementedError
+
+    def register_text_head(self) -> None:
+        """`self.head`: the backbone's zero-shot head for this task, moved with the module."""
+        head = self.backbone.zeroshot_weights(self.classnames, self.templates)  # (C, D)
+        self.register_buffer("head", head.to(self.device), persistent=False)
+
+    def eval_logits(self, images: Tensor) -> Tensor:
+        """Logits used for evaluation (methods with train/eval differences override this)."""
+        return self.logits(images)
+
+    def ood_scores(self, logits: Tensor, images: Tensor) -> Tensor:
+        """One score per sample, higher = more in-distribution (post-hoc from logits by default)."""
+        return OOD_SCORES[self.ood_score](logits.float())  # (B,)
+
+    @torch.no_grad()
+    def _update(
+        self,
+        metrics: MetricCollection,
+        batch: dict[str, Tensor],
+        index_groups: list[list[int]] | None = None,
+        collect_scores: bool = False,
+    ) -> None:
+        raw = self.eval_logits(batch["image"]).float()
+        if collect_scores:
+            self.id_scores.update(self.ood_scores(raw, batch["image"]))
+        logits = project_logits(raw, index_groups)
+        labels = batch["label"]
+        for key, metric in metrics.items():
+            if key == "group":
+                metric.update(logits.argmax(-1), labels, batch["group"])
+            elif key == "ece":
+                metric.update(logits.softmax(-1), labels)
+            else:
+                metric.update(logits, labels)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._update(self.val_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(_to_log(self.val_metrics.compute(), "val"), sync_dist=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics = self.test_metrics[dataloader_idx]
+        if self.test_specs[dataloader_idx].role == "ood":
+            with torch.no_grad():
+                logits = self.eval_logits(batch["image"]).float()
+                metrics.update(self.ood_scores(logits, batch["image"]))
+            return
+        self._update(
+            metrics,
+            batch,
+            self.test_index_groups[dataloader_idx],
+            collect_scores=self._has_ood and dataloader_idx == self._id_ref,
+        )
+
+    def on_test_epoch_end(self) -> None:
+        out: dict[str, float] = {}
+        id_scores = self.id_scores.compute() if self._has_ood else None
+        for i, (spec, metrics) in enumerate(zip(self.test_specs, self.test_metrics, strict=True)):
+            if spec.role == "ood":
+                values = {
+                    f"test/{spec.name}/{k}": v
+                    for k, v in ood_metrics(id_scores, metrics.compute()).items()
+                }
+            else:
+                values = _to_log(metrics.compute(), f"test/{spec.name}")
+            out.update(values)
+            if i == 0:
+                out.update({k.replace(f"test/{spec.name}/", "test/"): v for k, v in values.items()})
+            metrics.reset()
+        self.id_scores.reset()
+        self.log_dict(out, add_dataloader_idx=False)
+
+
+def _index_groups(test_sets: Iterable[TestSet], num_classes: int) -> list[list[list[int]] | None]:
+    """Index groups in test-set order, checked against the class count."""
     out = []
-    for name in test_sets:
-        g = groups.get(name)
+    for t in test_sets:
+        g = t.index_groups
         if g is not None:
             g = [[int(i) for i in group] for group in g]
             bad = sorted({i for group in g for i in group if not 0 <= i < num_classes})
             if bad or not all(g):
                 raise ValueError(
-                    f"test set {name}: index groups must be non-empty lists of indices into the "
+                    f"test set {t.name}: index groups must be non-empty lists of indices into the "
                     f"{num_classes} classes (got {bad[:5] or 'an empty group'})"
                 )
         out.append(g)
     return out
 
 
-def _to_log(values: dict[str, Tensor], prefix: str) -> dict[str, float]:
-    out = {}
+def _to_log(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
     for k, v in values.items():
+        if k == "group":  # GroupAccuracy: worst and average group (fractions -> percent)
+            out[f"{prefix}/worst_group_acc"] = 100.0 * float(v["worst"])
+            out[f"{prefix}/avg_group_acc"] = 100.0 * float(v["average"])
+            continue
         v = float(v)
         out[f"{prefix}/{k}"] = 100.0 * v if k.endswith("acc") else v
     return out

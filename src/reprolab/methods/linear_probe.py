@@ -16,6 +16,8 @@ from reprolab.methods.base import ClassificationMethod
 class LinearProbe(ClassificationMethod):
     """A linear classifier trained by backprop on frozen, normalised image features."""
 
+    requires = ("classnames", "templates")
+
     def __init__(self, *args, init: str = "zeroshot", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.init = init

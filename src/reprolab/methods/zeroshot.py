@@ -13,6 +13,8 @@ from reprolab.methods.base import ClassificationMethod
 class ZeroShot(ClassificationMethod):
     """Logits = logit_scale · cos(image embedding, zero-shot text head)."""
 
+    requires = ("classnames", "templates")
+
     def setup(self, stage: str) -> None:
         self.register_text_head()
 

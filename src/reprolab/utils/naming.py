@@ -13,6 +13,12 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
 
 
 def unknown_name(kind: str, name: str, options: Iterable[str]) -> str:
-    """`Unknown <kind> '<name>'; available: a, b, c (did you mean 'b'?)`."""
-    opts = sorted(str(o) for o in options)
+    """`Unknown <kind> '<name>'; available: a, b, c (did you mean 'b'?)`.
+
+    A list or tuple of options keeps its order (a table's rows as declared); any other iterable
+    (a set, a registry's keys) is sorted.
+    """
+    opts = [str(o) for o in options]
+    if not isinstance(options, (list, tuple)):
+        opts.sort()
     return f"Unknown {kind} '{name}'; available: {', '.join(opts)}{did_you_mean(name, opts)}"

@@ -13,6 +13,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.json"
 FAILED_FILE = "failed.json"
+ROUNDS_FILE = "rounds.json"  # per-round curve of a method with an outer loop
 
 
 def git_info(root: str | Path | None = None) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from reprolab.data import synthetic as world
 from reprolab.data.colour_bias import colour_assignment
 from reprolab.data.spec import DatasetSpec, ImageSplit, read_lines, register
 
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_clutter": 3}
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_clutter": 3, "ood_digits": 4}
 _DIGIT_PART = {"train": "pretrain", "val": "val", "test": "test"}
 
 
@@ -93,6 +93,8 @@ class ShapesSpec(SyntheticSpec):
     def load(self, root: Path | None, split: str) -> ImageSplit:
         n = self._size(split)
         labels = _balanced_labels(_task_rng(self.name, self.seed, split), n, len(self.classnames))
+        if split == "ood_digits":
+            return self._ood_digits(n, labels)
         w = world.CaptionedWorld(self.seed, self.image_size)
         clutter = split == "test_clutter"
         shape_ids = [world.SHAPES.index(c) for c in self.classnames]
@@ -113,19 +115,39 @@ class ShapesSpec(SyntheticSpec):
 
         return ImageSplit(loader, labels)
 
+    def _ood_digits(self, n: int, labels: np.ndarray) -> ImageSplit:
+        """Out-of-distribution inputs: single digits (held-out test pool), no shape in sight.
+
+        Labels are placeholders (OOD sets are scored, never classified)."""
+        w = world.CaptionedWorld(self.seed, self.image_size, digit_part="test")
+
+        def loader(i: int) -> Image.Image:
+            rng = _task_rng(self.name, self.seed, "ood_digits", i + 1)
+            img, _ = w.render(rng, [w.sample_object(rng, "digit")])
+            return Image.fromarray(img)
+
+        return ImageSplit(loader, labels)
+
 
 @register("shapes")
-def shapes(seed: int = 0, image_size: int = world.IMAGE_SIZE) -> ShapesSpec:
-    """10-way shape classification; test sets `test` (i.i.d.) and `test_clutter` (shifted)."""
+def shapes(seed: int = 0, image_size: int = world.IMAGE_SIZE, ood: bool = False) -> ShapesSpec:
+    """10-way shape classification; test sets `test` (i.i.d.) and `test_clutter` (shifted), and
+    with `ood=True` also `ood_digits` (role `ood`: digit images, outside the label space)."""
+    sizes = {"train": 1000, "val": 500, "test": 1000, "test_clutter": 1000}
+    test_sets = ["test", "test_clutter"]
+    if ood:
+        sizes["ood_digits"] = 1000
+        test_sets.append("ood_digits")
     return ShapesSpec(
         name="shapes",
         classnames=read_lines("shapes/classnames.txt"),
         templates=read_lines("shapes/templates.txt"),
-        test_sets=["test", "test_clutter"],
+        test_sets=test_sets,
+        ood_sets=["ood_digits"] if ood else [],
         source="synthetic (reprolab.data.synthetic)",
         seed=seed,
         image_size=image_size,
-        sizes={"train": 1000, "val": 500, "test": 1000, "test_clutter": 1000},
+        sizes=sizes,
     )
 
 

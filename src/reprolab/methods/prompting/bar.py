@@ -10,9 +10,9 @@ from typing import Any
 
 from torch import Tensor
 
+from reprolab.data.transforms import Preprocess
 from reprolab.methods.prompting.prompters import FrameProgram, focal_loss
 from reprolab.methods.prompting.zeroth_order import ZerothOrderPrompting
-from reprolab.data.transforms import Preprocess
 from reprolab.optim.rgf import RGF
 
 
@@ -41,6 +41,7 @@ class BAR(ZerothOrderPrompting):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.input_size = input_size
         pre = self.preprocess
         self.prompter = FrameProgram(
             pre.image_size, _inner_size(pre.image_size, input_size), pre.mean, pre.std
@@ -51,11 +52,10 @@ class BAR(ZerothOrderPrompting):
             self.prompter.parameters(), total_steps=total_steps or 1, seed=seed, **dict(rgf or {})
         )
 
-    @staticmethod
-    def input_preprocess(preprocess: Preprocess, cfg: Any) -> Preprocess:
+    def input_preprocess(self) -> Preprocess:
         """The data module must deliver the downscaled image the frame is built around."""
-        size = _inner_size(preprocess.image_size, cfg.get("input_size"))
-        return dataclasses.replace(preprocess, image_size=size)
+        size = _inner_size(self.preprocess.image_size, self.input_size)
+        return dataclasses.replace(self.preprocess, image_size=size)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

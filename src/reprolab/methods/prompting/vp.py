@@ -59,7 +59,7 @@ class VP(ClassificationMethod):
     """White-box VP: the padding prompt trained by backprop through the frozen target (VPWB).
 
     SGD with momentum; the LR follows the official per-epoch schedule: epoch 0 at `warmup_min_lr`,
-    then linear warmup lr·e/W for e < W, then cosine over the remaining epochs.
+    then linear warmup lr·e/W for e < W, then a cosine of period max_epoch restarted at W.
 
     Args:
         pad_size: strip width (30 at 224; default scales with the input size).
@@ -68,6 +68,8 @@ class VP(ClassificationMethod):
         warmup_epochs: W (100 in the official configs).
         warmup_min_lr: LR of the first epoch (0.1).
     """
+
+    requires = ("classnames", "templates")
 
     def __init__(
         self,
@@ -116,10 +118,11 @@ class VP(ClassificationMethod):
 
 def vp_lr_factor(epoch: int, lr: float, warmup: int, warmup_min_lr: float, total: int) -> float:
     """Official VPWB per-epoch schedule as a multiplier of `lr`: epoch 0 at `warmup_min_lr`, then
-    linear warmup lr·e/W for e < W, then cosine over the remaining `total - W` epochs."""
+    linear warmup lr·e/W for e < W, then cosine annealing whose period is the full `total` epochs,
+    counted from 0 again at W (Dassl's `WARMUP_RECOUNT`): the cosine never reaches 0, its last
+    epoch is at 0.5 (1 + cos(pi (total - 1 - W) / total)) of `lr` (2.5% for W 100, total 1000)."""
     if warmup > 0 and epoch == 0:
         return warmup_min_lr / lr
     if epoch < warmup:
         return epoch / warmup
-    span = max(total - warmup, 1)
-    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / span))
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(total, 1)))

@@ -26,7 +26,7 @@ class ZerothOrderPrompting(ClassificationMethod):
     """Base of BlackVIP, VP w/ SPSA-GC and BAR.
 
     Args:
-        backbone: the target model; it is wrapped in a `BlackBox` and not kept.
+        model: the target model; it is wrapped in a `BlackBox` and not kept.
         budget: optional limit on images sent to the oracle during training; training stops cleanly
             when the next step would exceed it.
         batched: evaluate all perturbations of a step in one oracle call (False: one call per
@@ -35,21 +35,24 @@ class ZerothOrderPrompting(ClassificationMethod):
         **kwargs: see `ClassificationMethod`.
     """
 
+    requires = ("classnames", "templates")
+
     def __init__(
         self,
         *args: Any,
-        backbone: nn.Module,
+        model: nn.Module,
         budget: int | None = None,
         batched: bool = True,
         max_batch: int = 2048,
         **kwargs: Any,
     ) -> None:
-        pre = backbone.preprocess
-        classnames, templates = kwargs["classnames"], kwargs["templates"]
-        super().__init__(*args, backbone=None, **kwargs)
+        super().__init__(*args, model=None, **kwargs)
         self.automatic_optimization = False
-        self.preprocess = pre
-        self.oracle = BlackBox(backbone, classnames, templates, budget=budget, max_batch=max_batch)
+        self.preprocess = model.preprocess
+        self._target_params = sum(p.numel() for p in model.parameters())
+        self.oracle = BlackBox(
+            model, self.classnames, self.templates, budget=budget, max_batch=max_batch
+        )
         self.budget = budget
         self.batched = batched
         self.optimizer: Any = None  # a zeroth-order optimiser (SPSA, RGF), built by subclasses
@@ -126,6 +129,16 @@ class ZerothOrderPrompting(ClassificationMethod):
     def configure_optimizers(self) -> None:
         return None  # the zeroth-order optimiser lives outside torch.optim
 
+    def input_preprocess(self) -> Any:
+        return self.preprocess
+
+    def extra_parameter_count(self) -> int:
+        return self._target_params  # the target model, reachable only through the oracle
+
+    @classmethod
+    def metric_keys(cls) -> tuple[str, ...]:
+        return (*super().metric_keys(), "train/queries", "train/images", "train/queries_per_step")
+
     # -- evaluation -------------------------------------------------------------------------
     def logits(self, images: Tensor) -> Tensor:
         saved, self.oracle.budget = self.oracle.budget, None  # the budget is a training budget
@@ -148,9 +161,11 @@ class ZerothOrderPrompting(ClassificationMethod):
 
     # -- resume -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["zo_optimizer"] = self.optimizer.state_dict()
         checkpoint["oracle"] = self.oracle.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.optimizer.load_state_dict(checkpoint["zo_optimizer"])
         self.oracle.load_state(checkpoint["oracle"])
