@@ -131,14 +131,24 @@ def test_bad_metric_key_lists_valid_ones(tmp_path: Path) -> None:
         d["table"]["metric"] = "test/accuracy"
 
     msg = errors_of(edited(tmp_path, metric))
-    assert "table.metric 'test/accuracy' is not a key methods log" in msg
-    assert "test/acc, test/ece, test/<set>/acc, test/<set>/ece, test/worst_group_acc" in msg
-    assert "train/queries" in msg
+    assert "metric 'test/accuracy' is not a key every method of the table logs" in msg
+    # what each method does log, from its class: BAR's query counts, zero-shot's without them
+    assert "method=zeroshot (zeroshot_dsa, zeroshot_dsb) logs train/loss" in msg
+    assert "test/*/acc, test/*/ece" in msg and "train/queries" in msg
+
+
+def test_metric_one_method_does_not_log_names_it(tmp_path: Path) -> None:
+    def set_metric(d: dict) -> None:
+        d["table"]["metric"] = "train/queries"  # black-box rows log it, zero-shot does not
+
+    (error,) = table_errors(NAME, edited(tmp_path, set_metric))
+    assert "method=zeroshot (zeroshot_dsa, zeroshot_dsb)" in error
+    assert "method=bar" not in error and "method=ours" not in error
 
 
 @pytest.mark.parametrize(
     "metric",
-    ["test/ece", "test/imagenet_r/acc", "test/test/ece", "test/worst_group_acc", "train/queries"],
+    ["test/ece", "test/imagenet_r/acc", "test/test/ece", "test/worst_group_acc", "test/nll"],
 )
 def test_valid_metric_keys(tmp_path: Path, metric: str) -> None:
     def set_metric(d: dict) -> None:
@@ -217,7 +227,7 @@ def test_hydra_callback_validates_before_launch(tmp_path: Path) -> None:
         d["table"]["metric"] = "test/accuracy"
 
     # SystemExit, not an Exception: Hydra downgrades exceptions raised in callbacks to warnings.
-    with pytest.raises(SystemExit, match="not a key methods log"):
+    with pytest.raises(SystemExit, match="not a key every method of the table logs"):
         ValidateTable().on_multirun_start(config(edited(tmp_path, metric)))
     ValidateTable().on_multirun_start(OmegaConf.create({"hydra": {"runtime": {"choices": {}}}}))
 

@@ -7,9 +7,11 @@ Registered in `configs/hydra/default.yaml`:
         _target_: reprolab.tables.hydra_callbacks.ValidateTable
 
 `on_multirun_start` runs after the primary config is composed and before the sweeper expands
-`hydra.sweeper.params`, so a typo in a table (unknown experiment, sweep/table mismatch, bad metric)
-fails once, locally, instead of in every SLURM array task (each job still re-validates in
-`validate_config`). Kept import-light: it is instantiated for every `python train.py` call.
+`hydra.sweeper.params`, so a typo in a table (unknown experiment, sweep/table mismatch, a metric
+that a method of the table does not log) fails once, locally, instead of in every SLURM array task
+(each job still re-validates in `validate_config`). Kept import-light: it is instantiated for every
+`python train.py` call; validating a table imports the method classes of its experiments (their
+`metric_keys()`), and only when a table is launched.
 """
 
 from __future__ import annotations
@@ -58,4 +60,5 @@ class ValidateTable(Callback):  # type: ignore[misc]
         try:
             validate_table(name, config_dir_of(config))
         except TableConfigError as exc:
-            raise SystemExit(f"{exc}\nNothing was launched.") from exc
+            sep = " " if len(exc.errors) == 1 else "\n"  # one problem: one line
+            raise SystemExit(f"{exc}{sep}Nothing was launched.") from exc

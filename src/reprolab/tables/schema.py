@@ -1,9 +1,17 @@
 """Paper-table configs (`configs/table/<name>.yaml`): loading and validation.
 
 A table file pins one table of one paper: its layout (rows × cols), the experiment config that
-produces each cell, the seeds, the metric and the paper's numbers. Validation reads the YAML files
-with plain OmegaConf (no Hydra runtime), so it runs from `train.py` before any job is launched,
-from tests, and from `scripts/aggregate.py`.
+produces each cell, the seeds, the metric and the paper's numbers. Validation runs from `train.py`
+before any job is launched, from tests, and from `scripts/aggregate.py`.
+
+Experiments are resolved the way `python train.py experiment=<name>` resolves them: each one is
+composed with Hydra's config loader from the primary config (`<config_dir>/train.yaml`), so the
+cells that paper grids generate (`configs/cells/`, served by `hydra_plugins.reprolab_cells`) are
+experiments like the files in `configs/experiment/`. A config dir without `train.yaml` (a bare
+test tree of `experiment/` and `table/` files) is read file by file instead.
+
+The table's metric must be a key that the method of every experiment of the table declares it
+logs (`Method.metric_keys()`, read with `reprolab.utils.config.metric_is_logged`).
 
 Source of truth for the paper's numbers: the table's `reported` block. An experiment's
 `paper.reported` is informational; when both are given and disagree (or only the experiment has
@@ -12,15 +20,17 @@ one) validation emits a warning and aggregation uses the table's value.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from reprolab.utils.naming import did_you_mean, unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +46,6 @@ TABLE_KEYS_OPTIONAL: dict[str, Any] = {
 }
 TABLE_KEYS = TABLE_KEYS_REQUIRED + tuple(TABLE_KEYS_OPTIONAL)
 
-#: Metric keys a table may aggregate (what methods log, see docs/CONTRACTS.md), as shown to users.
-METRIC_CHOICES = (
-    "test/acc",
-    "test/ece",
-    "test/<set>/acc",
-    "test/<set>/ece",
-    "test/worst_group_acc",
-    "test/<set>/worst_group_acc",
-    "train/queries",
-)
-_METRIC_RE = re.compile(
-    r"^(test/(acc|ece|worst_group_acc)|test/[A-Za-z0-9_.\-]+/(acc|ece|worst_group_acc)"
-    r"|train/queries)$"
-)
-
 #: Sweeper parameters that define a job; any other swept key would put several jobs in one run dir.
 SWEEP_KEYS = ("experiment", "seed")
 
@@ -62,13 +57,16 @@ class TableConfigError(ValueError):
         self.name = name
         self.path = Path(path)
         self.errors = list(errors)
+        if len(self.errors) == 1:  # one problem, one line
+            super().__init__(f"Table '{name}' ({path}) is invalid: {self.errors[0]}")
+            return
         bullet = "\n  - ".join(self.errors)
         super().__init__(f"Table '{name}' ({path}) is invalid:\n  - {bullet}")
 
 
 @dataclass(frozen=True)
 class ExperimentInfo:
-    """The `paper` block of one experiment config (the cell it produces)."""
+    """The `paper` block of one composed experiment (the cell it produces) and its method."""
 
     name: str
     row: str
@@ -78,7 +76,9 @@ class ExperimentInfo:
     metric: str | None
     reported: float | None
     seeds: list[int] | None
-    path: Path
+    path: Path | None  # configs/experiment/<name>.yaml; None for a cell a paper grid generates
+    method: str | None = None  # method.name
+    method_target: str | None = None  # method._target_; None when it cannot be known (bare tree)
 
 
 @dataclass
@@ -123,49 +123,164 @@ def _choices(config_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
 
-def _unknown(kind: str, name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    avail = ", ".join(options) if options else "(none)"
-    return f"Unknown {kind} '{name}'; available: {avail}{hint}"
-
-
 def _resolve(node: Any, what: str, errors: list[str]) -> Any:
-    """Plain Python value of an OmegaConf node; interpolations must resolve within the file."""
+    """Plain Python value of an OmegaConf node (a bare tree's interpolations resolve in-file)."""
     if not isinstance(node, (DictConfig, ListConfig)):
         return node
     try:
         return OmegaConf.to_container(node, resolve=True)
     except Exception as exc:  # noqa: BLE001 - any resolution failure is a config error here
         errors.append(
-            f"{what}: cannot resolve interpolation ({type(exc).__name__}: {exc}); table and "
-            "experiment `paper` blocks must be literal values (no ${...} to other groups)."
+            f"{what}: cannot resolve interpolation ({type(exc).__name__}: {exc}); a table block "
+            "(and, in a config dir without train.yaml, an experiment's `paper` block) must "
+            "resolve within its own file."
         )
         return None
 
 
-def _load_experiment(config_dir: Path, name: str, seen: tuple[str, ...] = ()) -> DictConfig:
-    """Load `experiment/<name>.yaml`, merging experiment configs it pulls in via `defaults`.
+def _load_experiment(
+    config_dir: Path, name: str, seen: tuple[str, ...] = ()
+) -> tuple[DictConfig, str | None]:
+    """Bare trees only: `experiment/<name>.yaml` merged with the experiments its `defaults` pull in,
+    and its method choice (`override /method: <x>`; the last one wins, as in Hydra).
 
     Only defaults entries that name another experiment (`/experiment/<x>` or a bare `<x>` in the
-    same group) are followed; `override /group: ...` entries do not touch the `paper` block.
-    The file's own keys win over its defaults (Hydra's `_self_`-last order).
+    same group) are followed. The file's own keys win over its defaults (`_self_` last).
     """
     path = config_dir / "experiment" / f"{name}.yaml"
     cfg = OmegaConf.load(path)
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{path} is not a mapping")
     merged = OmegaConf.create()
+    method = None
     for entry in cfg.get("defaults") or []:
+        if isinstance(entry, DictConfig):
+            for key, value in entry.items():
+                if str(key).split()[-1].strip("/") == "method":
+                    method = None if value is None else str(value)
+            continue
         if not isinstance(entry, str) or entry == "_self_":
             continue
         base = entry.removeprefix("/experiment/") if entry.startswith("/experiment/") else entry
         if "/" in base or base in seen:
             continue
         if (config_dir / "experiment" / f"{base}.yaml").is_file():
-            merged = OmegaConf.merge(merged, _load_experiment(config_dir, base, (*seen, name)))
+            inner, inner_method = _load_experiment(config_dir, base, (*seen, name))
+            merged = OmegaConf.merge(merged, inner)
+            method = inner_method or method
     own = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "defaults"])
-    return OmegaConf.merge(merged, own)
+    return OmegaConf.merge(merged, own), method
+
+
+def _fingerprint(config_dir: Path) -> tuple:
+    """Every YAML file under `config_dir` with its mtime and size: a changed file, a new cell."""
+    out = []
+    for root, _, files in os.walk(config_dir):
+        for f in files:
+            if f.endswith(".yaml"):
+                st = os.stat(os.path.join(root, f))
+                out.append((root, f, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))
+
+
+class _Experiments:
+    """The experiments of one config dir, resolved as `python train.py experiment=<name>` does.
+
+    With a primary config (`train.yaml`) each experiment is composed by Hydra's config loader, so
+    the cells that paper grids generate count like files, and `glob(...)` sees them. A bare tree
+    (tests) is read file by file. Results are kept per process until a YAML file changes.
+    """
+
+    def __init__(self, config_dir: Path) -> None:
+        self.config_dir = config_dir
+        self.composed = (config_dir / "train.yaml").is_file()
+        self._loader: Any = None
+        self._infos: dict[str, tuple[ExperimentInfo | None, list[str]]] = {}
+
+    @property
+    def loader(self) -> Any:
+        if self._loader is None:
+            from hydra._internal.config_loader_impl import ConfigLoaderImpl
+            from hydra._internal.utils import create_config_search_path
+
+            # A loader of our own, not `hydra.compose`: this also runs inside a Hydra app (the
+            # launch callback, `validate_config` in a job), where GlobalHydra is taken.
+            search_path = create_config_search_path(str(self.config_dir.resolve()))
+            self._loader = ConfigLoaderImpl(config_search_path=search_path)
+        return self._loader
+
+    def get_group_options(self, group_name: str, results_filter: Any = None, **_: Any) -> list[str]:
+        """What Hydra's override parser needs to expand `glob(...)`."""
+        if self.composed:
+            return list(self.loader.get_group_options(group_name))
+        return _choices(self.config_dir, group_name)
+
+    def names(self) -> list[str]:
+        return self.get_group_options("experiment")
+
+    def info(self, name: str) -> tuple[ExperimentInfo | None, list[str]]:
+        """`(info or None, errors)` of one experiment."""
+        if name not in self._infos:
+            errors: list[str] = []
+            info = self._compose(name, errors) if self.composed else self._read(name, errors)
+            self._infos[name] = (info, errors)
+        info, errors = self._infos[name]
+        return info, list(errors)
+
+    def _compose(self, exp: str, errors: list[str]) -> ExperimentInfo | None:
+        from hydra.types import RunMode
+
+        path = self.config_dir / "experiment" / f"{exp}.yaml"
+        if path.is_file():
+            _check_global(path, f"experiment {exp}", errors)
+        try:
+            cfg = self.loader.load_configuration(
+                config_name="train", overrides=[f"experiment={exp}"], run_mode=RunMode.RUN
+            )
+        except Exception as exc:  # noqa: BLE001 - any composition failure is a config error
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"experiment {exp}: does not compose: {first}")
+            return None
+        method = cfg.get("method")
+        target = None if not isinstance(method, DictConfig) else method.get("_target_")
+        name = None if not isinstance(method, DictConfig) else method.get("name")
+        return _paper_info(
+            exp,
+            cfg.get("paper"),
+            path if path.is_file() else None,
+            None if name is None else str(name),
+            None if target is None else str(target),
+            errors,
+        )
+
+    def _read(self, exp: str, errors: list[str]) -> ExperimentInfo | None:
+        path = self.config_dir / "experiment" / f"{exp}.yaml"
+        _check_global(path, f"experiment {exp}", errors)
+        try:
+            cfg, method = _load_experiment(self.config_dir, exp)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"experiment {exp}: cannot load {path}: {exc}")
+            return None
+        target = None
+        method_file = self.config_dir / "method" / f"{method}.yaml"
+        if method is not None and method_file.is_file():
+            target = OmegaConf.load(method_file).get("_target_")
+        return _paper_info(
+            exp, cfg.get("paper"), path, method, None if target is None else str(target), errors
+        )
+
+
+_EXPERIMENTS: dict[str, tuple[tuple, _Experiments]] = {}
+
+
+def _experiments(config_dir: Path) -> _Experiments:
+    key = str(Path(config_dir).resolve())
+    fp = _fingerprint(Path(config_dir))
+    hit = _EXPERIMENTS.get(key)
+    if hit is None or hit[0] != fp:
+        hit = (fp, _Experiments(Path(config_dir)))
+        _EXPERIMENTS[key] = hit
+    return hit[1]
 
 
 def _package_header(path: Path) -> str | None:
@@ -223,23 +338,13 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-class _GroupOptions:
-    """The one ConfigLoader method Hydra's override parser needs to expand `glob(...)`."""
-
-    def __init__(self, config_dir: Path) -> None:
-        self.config_dir = config_dir
-
-    def get_group_options(self, group_name: str, results_filter: Any = None, **_: Any) -> list[str]:
-        return _choices(self.config_dir, group_name)
-
-
-def _expand_sweep(key: str, value: Any, config_dir: Path) -> list[str]:
+def _expand_sweep(key: str, value: Any, experiments: _Experiments) -> list[str]:
     """Values a Hydra sweep override `key=value` expands to (choice lists, range(), glob())."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if isinstance(value, list):  # a YAML list is not Hydra sweep syntax, but read it kindly
         value = ",".join(str(v) for v in value)
-    parser = OverridesParser.create(config_loader=_GroupOptions(config_dir))  # type: ignore[arg-type]
+    parser = OverridesParser.create(config_loader=experiments)  # type: ignore[arg-type]
     (override,) = parser.parse_overrides([f"{key}={value}"])  # sets the loader glob() needs
     if override.is_sweep_override():
         return [str(v) for v in override.sweep_string_iterator()]
@@ -250,7 +355,7 @@ def _check_sweeper(
     cfg: DictConfig,
     spec_exps: list[str],
     seeds: list[int],
-    config_dir: Path,
+    experiments: _Experiments,
     errors: list[str],
     warnings: list[str],
 ) -> None:
@@ -275,7 +380,7 @@ def _check_sweeper(
             errors.append(f"hydra.sweeper.params.{key} is missing (must equal table.{key}s)")
     for key, value in params.items():
         try:
-            values = _expand_sweep(str(key), value, config_dir)
+            values = _expand_sweep(str(key), value, experiments)
         except Exception as exc:  # noqa: BLE001 - parser errors are config errors
             errors.append(f"hydra.sweeper.params.{key}={value!r} does not parse: {exc}")
             continue
@@ -322,7 +427,7 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
     errors: list[str] = []
     warnings: list[str] = []
     if not path.is_file():
-        return None, [_unknown("table", name, _choices(config_dir, "table"))], warnings, path
+        return None, [unknown_name("table", name, _choices(config_dir, "table"))], warnings, path
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:  # noqa: BLE001 - YAML errors
@@ -336,9 +441,10 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
 
     for key in t:
         if key not in TABLE_KEYS:
-            close = difflib.get_close_matches(str(key), TABLE_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append(f"Unknown key table.{key}; allowed: {', '.join(TABLE_KEYS)}{hint}")
+            errors.append(
+                f"Unknown key table.{key}; allowed: {', '.join(TABLE_KEYS)}"
+                f"{did_you_mean(str(key), TABLE_KEYS)}"
+            )
     for key in TABLE_KEYS_REQUIRED:
         if t.get(key) in (None, "", []):
             errors.append(f"table.{key} is required")
@@ -350,10 +456,6 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         if t.get(key) is not None and not isinstance(t[key], str):
             errors.append(f"table.{key} must be a string, got {t[key]!r}")
     metric = str(t.get("metric"))
-    if t.get("metric") is not None and not _METRIC_RE.match(metric):
-        errors.append(
-            f"table.metric '{metric}' is not a key methods log; valid: {', '.join(METRIC_CHOICES)}"
-        )
     decimals = t.get("decimals")
     if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 10:
         errors.append(f"table.decimals must be an integer in 0..10, got {decimals!r}")
@@ -376,14 +478,14 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
     for r, row_vals in rep.items():
         r = str(r)
         if rows and r not in rows:
-            errors.append(f"table.reported: {_unknown('row', r, rows)}")
+            errors.append(f"table.reported: {unknown_name('row', r, rows)}")
         if not isinstance(row_vals, dict):
             errors.append(f"table.reported.{r} must map col -> number, got {row_vals!r}")
             continue
         for c, v in row_vals.items():
             c = str(c)
             if cols and c not in cols:
-                errors.append(f"table.reported.{r}: {_unknown('col', c, cols)}")
+                errors.append(f"table.reported.{r}: {unknown_name('col', c, cols)}")
             if v is None:
                 continue
             if not _is_number(v):
@@ -396,15 +498,19 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         errors.append(f"table.labels must map row/col values to display names, got {labels!r}")
         labels = {}
 
-    valid_exps = _choices(config_dir, "experiment")
+    experiments = _experiments(config_dir)
+    valid_exps = experiments.names()
     cells: dict[tuple[str, str], str] = {}
+    infos: list[ExperimentInfo] = []
     for exp in exps:
         if exp not in valid_exps:
-            errors.append(_unknown("experiment", exp, valid_exps))
+            errors.append(unknown_name("experiment", exp, valid_exps))
             continue
-        info = _experiment_info(config_dir, exp, errors)
+        info, exp_errors = experiments.info(exp)
+        errors += exp_errors
         if info is None:
             continue
+        infos.append(info)
         where = f"experiment {exp}"
         if t.get("paper") is not None and info.paper_id != t["paper"]:
             errors.append(
@@ -417,9 +523,9 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
                 "(its runs would never match this table)"
             )
         if rows and info.row not in rows:
-            errors.append(f"{where}: paper.row — {_unknown('row', info.row, rows)}")
+            errors.append(f"{where}: paper.row — {unknown_name('row', info.row, rows)}")
         if cols and info.col not in cols:
-            errors.append(f"{where}: paper.col — {_unknown('col', info.col, cols)}")
+            errors.append(f"{where}: paper.col — {unknown_name('col', info.col, cols)}")
         key = (info.row, info.col)
         if key in cells:
             errors.append(
@@ -441,7 +547,9 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         if info.seeds is not None and seeds and sorted(info.seeds) != sorted(seeds):
             warnings.append(f"{where}: paper.seeds={info.seeds} differs from table.seeds={seeds}")
 
-    _check_sweeper(cfg, exps, seeds, config_dir, errors, warnings)
+    if t.get("metric") is not None:
+        _check_metric(name, metric, infos, config_dir, errors, warnings)
+    _check_sweeper(cfg, exps, seeds, experiments, errors, warnings)
 
     if errors:
         return None, errors, warnings, path
@@ -467,20 +575,21 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
     return spec, errors, warnings, path
 
 
-def _experiment_info(config_dir: Path, exp: str, errors: list[str]) -> ExperimentInfo | None:
-    path = config_dir / "experiment" / f"{exp}.yaml"
-    _check_global(path, f"experiment {exp}", errors)
-    try:
-        cfg = _load_experiment(config_dir, exp)
-    except Exception as exc:  # noqa: BLE001
-        errors.append(f"experiment {exp}: cannot load {path}: {exc}")
-        return None
-    if not isinstance(cfg.get("paper"), DictConfig):
+def _paper_info(
+    exp: str,
+    paper: Any,
+    path: Path | None,
+    method: str | None,
+    target: str | None,
+    errors: list[str],
+) -> ExperimentInfo | None:
+    """The cell an experiment produces, from its (composed or merged) `paper` block."""
+    if not isinstance(paper, DictConfig):
         errors.append(
             f"experiment {exp}: no `paper:` block (id, table, row, col, metric, reported)"
         )
         return None
-    paper = _resolve(cfg.paper, f"experiment {exp}: paper", errors)
+    paper = _resolve(paper, f"experiment {exp}: paper", errors)
     if paper is None:
         return None
     missing = [k for k in ("id", "table", "row", "col") if paper.get(k) is None]
@@ -504,7 +613,57 @@ def _experiment_info(config_dir: Path, exp: str, errors: list[str]) -> Experimen
         reported=None if rep is None else float(rep),
         seeds=seeds,
         path=path,
+        method=method,
+        method_target=target,
     )
+
+
+def _check_metric(
+    table: str,
+    metric: str,
+    infos: list[ExperimentInfo],
+    config_dir: Path,
+    errors: list[str],
+    warnings: list[str],
+) -> None:
+    """The table's metric must be a key the method of every experiment declares it logs.
+
+    One error line for the table: the metric, then per method that does not log it its
+    experiments and the keys it does log.
+    """
+    from reprolab.utils.config import method_metric_keys, metric_is_logged
+
+    by_method: dict[tuple[str, str], list[str]] = {}
+    unchecked: list[str] = []
+    for info in infos:
+        if info.method_target is None:
+            unchecked.append(info.name)
+        else:
+            by_method.setdefault((str(info.method), info.method_target), []).append(info.name)
+    missing = []
+    for (method, target), exps in by_method.items():
+        try:
+            if metric_is_logged(target, metric):
+                continue
+            missing.append(
+                f"method={method} ({', '.join(exps)}) logs {', '.join(method_metric_keys(target))}"
+            )
+        except Exception as exc:  # noqa: BLE001 - an unimportable or foreign class is a config error
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            errors.append(
+                f"method={method} of {', '.join(exps)}: cannot read the metric keys {target} "
+                f"declares ({type(exc).__name__}: {' '.join(lines[:2])})"
+            )
+    if missing:
+        errors.append(
+            f"table {table}: metric '{metric}' is not a key every method of the table logs; "
+            + "; ".join(missing)
+        )
+    if unchecked:
+        warnings.append(
+            f"table.metric '{metric}' not checked for {', '.join(unchecked)}: their method "
+            f"configs are not under {config_dir}/method"
+        )
 
 
 def table_errors(name: str, config_dir: str | Path) -> list[str]:
@@ -527,6 +686,12 @@ def validate_table(name: str, config_dir: str | Path) -> TableSpec:
     for w in warnings:
         log.warning("table %s: %s", name, w)
     return spec
+
+
+def experiment_names(config_dir: str | Path) -> list[str]:
+    """Every name `experiment=<name>` accepts: the files of `experiment/` and, in a config dir
+    with `train.yaml`, the cells its paper grids generate (`configs/cells/`)."""
+    return _experiments(Path(config_dir)).names()
 
 
 def table_names(config_dir: str | Path) -> list[str]:
