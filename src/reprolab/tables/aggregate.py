@@ -7,6 +7,11 @@ Per cell: mean ± sample std (ddof=1; blank for one seed) of `table.metric`, the
 the paper's number (from the table config) and the difference. Nothing is hidden: missing
 cells/seeds, failed runs, mixed commits, dirty trees and ignored records get their own sections.
 
+Optional cost columns (`table.extra_columns`, e.g. `[params/trainable,
+throughput/train_samples_per_s]`): per cell, the mean over its finished seeds of each key of the
+records' `metrics`; one csv column per key, and a "Cost" section in the .md (one rows × cols grid
+per key). A record without the key shows "—" (blank in the csv) and still counts for the metric.
+
 Outputs are deterministic: sorted in the table's row/col order, fixed float formatting, no
 timestamps or absolute paths, so rebuilding from the same runs gives byte-identical files.
 """
@@ -25,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from reprolab.tables.schema import TableSpec
+from reprolab.utils.run_record import FAILED_FILE, METRICS_FILE
 
-METRICS_FILE = "metrics.json"
-FAILED_FILE = "failed.json"
 #: Directories under a log root that never hold run records (skipped for speed).
 SKIP_DIRS = {"checkpoints", "wandb", "csv", "tensorboard", "__pycache__"}
 
@@ -51,6 +55,16 @@ CSV_COLUMNS = (
     "commits",
 )
 SHORT_SHA = 7
+
+#: Display names of the cost keys train.py records, used where `table.labels` has none.
+EXTRA_LABELS = {
+    "params/trainable": "Trainable parameters",
+    "params/total": "Total parameters",
+    "throughput/train_samples_per_s": "Train samples/s",
+    "throughput/test_samples_per_s": "Test samples/s",
+    "throughput/queried_images_per_s": "Queried images/s",
+}
+MISSING = "—"  # an extra key no counted record of the cell has
 
 
 class WandbUnavailableError(RuntimeError):
@@ -88,10 +102,16 @@ class CellResult:
     failed: dict[int, RunRecord] = field(default_factory=dict)  # seed -> failed record
     missing: list[int] = field(default_factory=list)
     records: dict[int, RunRecord] = field(default_factory=dict)  # seed -> finished record
+    extras: dict[str, dict[int, float]] = field(default_factory=dict)  # extra key -> seed -> value
 
     @property
     def n(self) -> int:
         return len(self.values)
+
+    def extra_mean(self, key: str) -> float | None:
+        """Mean over the finished seeds whose record has `key` (None when none has it)."""
+        vals = self.extras.get(key) or {}
+        return statistics.fmean(vals[s] for s in sorted(vals)) if vals else None
 
     @property
     def mean(self) -> float | None:
@@ -132,6 +152,7 @@ class TableResult:
     cells: list[CellResult]  # rows × cols, in display order
     ignored: list[tuple[RunRecord, str]]  # (record, why) for records of this table not counted
     source: str  # "metrics.json files" or "W&B runs (entity/project)"
+    extra_columns: list[str] = field(default_factory=list)  # `table.extra_columns`, in order
 
     @property
     def finished(self) -> list[RunRecord]:

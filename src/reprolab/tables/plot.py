@@ -6,6 +6,7 @@ Drawn with the Agg canvas directly (no pyplot state, no display) and saved witho
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,10 @@ def plot_table(result: TableResult, path: str | Path) -> Path:
     cells = {(c.row, c.col): c for c in result.cells}
     n_rows, n_cols = len(spec.rows), len(spec.cols)
     width = 0.8 / max(n_rows, 1)
-    fig = Figure(figsize=(max(4.0, 1.0 + n_cols * (0.35 * n_rows + 0.4)), 3.6), dpi=100)
+    # Constrained layout makes room for the wrapped title, the tick labels and the outside legend,
+    # so none of them is clipped or overlaps its neighbour.
+    fig_w = max(5.0, 2.2 + n_cols * max(0.35 * n_rows + 0.4, 1.3))
+    fig = Figure(figsize=(fig_w, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     palette = [f"C{i % 10}" for i in range(n_rows)]
@@ -45,24 +49,21 @@ def plot_table(result: TableResult, path: str | Path) -> Path:
                 ax.plot([x], [cell.reported], marker="_", markersize=12, mew=2, color="black")
     ax.set_xticks(list(range(n_cols)))
     ax.set_xticklabels(
-        [spec.label(c) for c in spec.cols],
+        [textwrap.fill(spec.label(c), 16) for c in spec.cols],
         rotation=30 if n_cols > 4 else 0,
         ha="right" if n_cols > 4 else "center",
     )
     ax.set_xlim(-0.6, n_cols - 0.4)
     ax.set_ylabel(spec.metric)
-    ax.set_title(spec.title, fontsize=9)
+    fig.suptitle(textwrap.fill(spec.title, max(30, int(fig_w * 12))), fontsize=9)
     handles = [Patch(color=palette[i], label=spec.label(r)) for i, r in enumerate(spec.rows)]
     if spec.reported:
         handles.append(
             Line2D([], [], color="black", marker="_", markersize=12, mew=2, ls="", label="paper")
         )
-    ax.legend(
-        handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False
-    )
+    fig.legend(handles=handles, fontsize=7, loc="outside right upper", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", metadata={"Software": None})
