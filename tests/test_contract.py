@@ -197,3 +197,24 @@ def test_rounds_resume_in_the_round_a_run_died_in(tiny_overrides, monkeypatch) -
     assert record["metrics"]["test/acc"] == record["rounds"][-1]["metrics"]["test/acc"]
     assert all("test/acc" in r["metrics"] for r in record["rounds"])
     assert (run_dir / "checkpoints" / "round2" / "last.ckpt").exists()
+
+
+def test_a_plain_non_clip_run_gets_its_methods_headline_metric(tmp_path: Path) -> None:
+    """`python train.py model=tabular_vae data=diabetes method=vae` needs no experiment file."""
+    cfg = compose_train(
+        [
+            "model=tabular_vae",
+            "data=diabetes",
+            "method=vae",
+            "trainer=cpu",
+            "logger=csv",
+            f"paths.log_dir={tmp_path}",
+            "progress_bar=false",
+            "trainer.max_epochs=1",
+            "threads=1",
+        ]
+    )
+    assert cfg.paper.metric is None
+    record = run(cfg)
+    assert record["paper"]["metric"] == "test/elbo" and record["task"] == "tabular"
+    assert record["metrics"]["test/elbo"] < 0 and record["metrics"]["params/trainable"] > 0

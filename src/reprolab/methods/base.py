@@ -61,6 +61,7 @@ class Method(L.LightningModule):
 
     info_type: ClassVar[type[TaskInfo]] = TaskInfo
     requires: ClassVar[tuple[str, ...]] = ()
+    primary_metric: ClassVar[str] = "train/loss"  # `paper.metric` when a run does not set one
 
     def __init__(
         self,
@@ -230,6 +231,7 @@ class ClassificationMethod(Method):
 
     info_type = ImageClassificationInfo
     requires = ("classnames",)
+    primary_metric = "test/acc"
     train_backbone: bool = False
 
     def __init__(

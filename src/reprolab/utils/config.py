@@ -10,16 +10,24 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
-def method_metric_keys(method_target: str) -> tuple[str, ...]:
-    """The metric keys (fnmatch patterns, e.g. `test/*/acc`) the method class at `method_target`
-    declares it logs (`Method.metric_keys()`), read without building anything."""
+def _method_class(method_target: str) -> type:
     import hydra
 
     cls = hydra.utils.get_class(method_target)
-    keys = getattr(cls, "metric_keys", None)
-    if keys is None:
+    if not hasattr(cls, "metric_keys"):
         raise TypeError(f"{method_target} is not a reprolab Method (no metric_keys()).")
-    return tuple(keys())
+    return cls
+
+
+def method_metric_keys(method_target: str) -> tuple[str, ...]:
+    """The metric keys (fnmatch patterns, e.g. `test/*/acc`) the method class at `method_target`
+    declares it logs (`Method.metric_keys()`), read without building anything."""
+    return tuple(_method_class(method_target).metric_keys())
+
+
+def method_primary_metric(method_target: str) -> str:
+    """The method's headline metric (`Method.primary_metric`: test/acc, test/elbo, ...)."""
+    return str(_method_class(method_target).primary_metric)
 
 
 def metric_is_logged(method_target: str, metric: str) -> bool:
@@ -55,9 +63,15 @@ def compose_train(overrides: list[str] | None = None, config_dir: Path = CONFIG_
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that run before any model is built; errors say what to change."""
-    metric = str(cfg.paper.metric)
+    """Checks that run before any model is built; errors say what to change.
+
+    A run without `paper.metric` (a plain `python train.py model=... data=... method=...`) gets
+    its method's headline metric.
+    """
     target = str(cfg.method._target_)
+    if cfg.paper.get("metric") is None:
+        cfg.paper.metric = method_primary_metric(target)
+    metric = str(cfg.paper.metric)
     if not metric_is_logged(target, metric):
         keys = ", ".join(method_metric_keys(target))
         raise ValueError(

@@ -95,6 +95,7 @@ class TabularVAE(Method):
 
     info_type = TabularInfo
     requires = ("columns",)
+    primary_metric = "test/elbo"
 
     def __init__(
         self,
