@@ -186,3 +186,22 @@ def test_wandb_runs_are_grouped_by_cell(spec, monkeypatch) -> None:
     cell = next(c for c in result.cells if (c.row, c.col) == ("ours", "dsa"))
     assert cell.values == {1: 90.0, 2: 94.0} and list(cell.failed) == [3]
     assert cell.commits == ["ccccccc"] and cell.mean == 92.0
+
+
+def test_mixed_config_fingerprints_within_a_cell_are_reported(spec, tmp_path: Path) -> None:
+    """Seeds of one cell that ran different resolved configs are named, never silently averaged."""
+    from reprolab.tables.aggregate import to_markdown
+
+    shutil.copytree(RUNS, tmp_path / "runs")
+    md = to_markdown(aggregate(spec, collect_files(tmp_path / "runs")))
+    assert "Every cell's finished seeds share one config fingerprint" in md
+    base = tmp_path / "runs" / "fixpaper.tab1.zeroshot.dsa"
+    for seed, fp in ((1, "aaaa11112222"), (2, "aaaa11112222"), (3, "bbbb33334444")):
+        path = base / f"seed{seed}" / "metrics.json"
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "fingerprint": fp}))
+    md = to_markdown(aggregate(spec, collect_files(tmp_path / "runs")))
+    assert "**Mixed configs**" in md
+    assert (
+        "- `fixpaper.tab1.zeroshot.dsa`: `aaaa11112222`: seeds 1, 2; `bbbb33334444`: seed 3" in md
+    )

@@ -85,6 +85,7 @@ class RunRecord:
     error: str | None = None
     finished_at: str | None = None
     source: str = ""  # where it came from: path relative to the log root, or W&B run path
+    fingerprint: str | None = None  # of the run's resolved config (None: a record from before)
 
     @property
     def commit(self) -> str:
@@ -140,6 +141,16 @@ class CellResult:
     @property
     def commits(self) -> list[str]:
         return sorted({r.commit for r in self.records.values()})
+
+    @property
+    def fingerprints(self) -> dict[str, list[int]]:
+        """Config fingerprint -> the finished seeds that ran it (records without one left out)."""
+        out: dict[str, list[int]] = {}
+        for seed in sorted(self.records):
+            fp = self.records[seed].fingerprint
+            if fp is not None:
+                out.setdefault(fp, []).append(seed)
+        return out
 
     @property
     def dirty_seeds(self) -> list[int]:
@@ -204,6 +215,7 @@ def _record_from_json(
         error=None if error is None else str(error),
         finished_at=data.get("finished_at") or data.get("failed_at"),
         source=rel,
+        fingerprint=None if data.get("fingerprint") is None else str(data["fingerprint"]),
     )
 
 
@@ -555,6 +567,20 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
             else:
                 which = ""
             out.append(f"- `{sha}`: {len(recs)} run{'s' if len(recs) != 1 else ''}{which}")
+
+    out += ["", "## Configs", ""]
+    mixed = [c for c in result.cells if len(c.fingerprints) > 1]
+    if mixed:
+        out.append(
+            "**Mixed configs**: the seeds of these cells ran different resolved configs "
+            "(fingerprint: seeds); their mean and std mix settings:"
+        )
+        out.append("")
+        for c in mixed:
+            fps = "; ".join(f"`{fp}`: {_seed_list(s)}" for fp, s in sorted(c.fingerprints.items()))
+            out.append(f"- `{c.cell}`: {fps}")
+    else:
+        out.append("Every cell's finished seeds share one config fingerprint (or predate them).")
 
     out += ["", "## Dirty trees", ""]
     dirty = [r for r in finished if r.dirty]
