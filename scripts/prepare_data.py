@@ -7,7 +7,9 @@
 
 NAME is a data config (`configs/data/<NAME>.yaml`, whose `dataset` and `dataset_kwargs` are used, e.g.
 `loc_mnist_f4`) or a registered dataset name. The root defaults to $DATA_ROOT, else ./data. `--list`
-and `--check` never touch the network.
+and `--check` never touch the network, and both judge a tree with the same check (`tree_status`):
+`ready` (files present, split files readable, sizes and classes as expected), `missing`, or `bad`
+(present but wrong: a malformed split file, wrong sizes), with the reason below the table.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
-from reprolab.data.spec import DataNotFoundError, DatasetSpec, available, get_spec  # noqa: E402
+from reprolab.data.spec import (  # noqa: E402
+    DataNotFoundError,
+    DatasetSpec,
+    MalformedDataError,
+    available,
+    get_spec,
+)
 
 CONFIG_DIR = PROJECT_ROOT / "configs" / "data"
 
@@ -44,12 +52,43 @@ def spec_for(name: str) -> DatasetSpec:
     return get_spec(dataset, **kwargs)
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return (
+        text
+        if isinstance(err, (DataNotFoundError, ValueError))
+        else f"{type(err).__name__}: {text}"
+    )
+
+
+def tree_status(spec: DatasetSpec, root: Path) -> tuple[str, str, dict[str, int]]:
+    """(status, reason, split sizes) of `spec`'s tree under `root`: what `--check` and `--list` say.
+
+    `ready` needs the files (`check`) and the prepared data to verify (`verify`: readable split
+    files, split sizes, class count); `missing` means files are absent; `bad` means the tree is
+    there but wrong (the reason, one line, names the file). Never raises for a damaged tree.
+    """
+    try:
+        spec.check(root)
+        found = spec.verify(root) if hasattr(spec, "verify") else {}
+    except MalformedDataError as err:
+        return "bad", _one_line(err), {}
+    except DataNotFoundError as err:
+        return "missing", _one_line(err), {}
+    except Exception as err:  # noqa: BLE001 - a damaged tree is reported, never a traceback
+        return "bad", _one_line(err), {}
+    return "ready", "", dict(found)
+
+
 def _n(v: int | None) -> str:
     return "?" if v is None else f"{v:,}"
 
 
 def rows(root: Path) -> list[dict[str, str]]:
-    """One row per data config of a real dataset, plus registered datasets without a config."""
+    """One row per data config of a real dataset, plus registered datasets without a config.
+
+    A `bad` row carries its reason in `reason` (printed below the table).
+    """
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     covered = {resolve(n)[0] for n in names}
     names += [n for n in available() if n not in covered]
@@ -58,6 +97,17 @@ def rows(root: Path) -> list[dict[str, str]]:
         try:
             spec = spec_for(name)
         except KeyError:
+            continue
+        except Exception as err:  # noqa: BLE001 - e.g. an empty class-names asset: report, go on
+            out.append(
+                {
+                    **dict.fromkeys(("classes", "train", "val", "test", "disk"), "-"),
+                    "name": name,
+                    "status": "bad",
+                    "source": "-",
+                    "reason": _one_line(err),
+                }
+            )
             continue
         info = spec.info() if hasattr(spec, "info") else None
         if info is None:
@@ -76,11 +126,7 @@ def rows(root: Path) -> list[dict[str, str]]:
             continue
         exp = info["expected"]
         total = info.get("total")
-        try:
-            spec.check(root)
-            status = "ready"
-        except DataNotFoundError:
-            status = "missing"
+        status, reason, _ = tree_status(spec, root)
         row = {
             "name": name,
             "classes": str(info["classes"]),
@@ -93,6 +139,8 @@ def rows(root: Path) -> list[dict[str, str]]:
             + (f" [{total:,} images in all]" if total else "")
             + (f" [{info['note']}]" if info.get("note") else ""),
         }
+        if status == "bad":
+            row["reason"] = reason
         out.append(row)
     return out
 
@@ -130,11 +178,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.list:
         print(f"data root: {a.root.resolve()}  (set DATA_ROOT or --root)\n")
-        print_table(rows(a.root))
+        table = rows(a.root)
+        print_table(table)
         print(
             "\nSizes are train/val/test images after preparation ('?' = set by the split file); "
             "disk sizes are approximate."
         )
+        bad = [r for r in table if r["status"] == "bad"]
+        if bad:
+            print("\nbad trees (the same check as --check):")
+            for r in bad:
+                print(f"  {r['name']}: {r['reason']}")
         return 0
     if not a.names:
         p.error("give dataset names, or --list")
@@ -154,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                     else f"{name}: nothing to do"
                 )
             elif a.check:
-                spec.check(a.root)
-                found = spec.verify(a.root) if hasattr(spec, "verify") else {}
+                status, reason, found = tree_status(spec, a.root)
+                if status != "ready":
+                    print(f"{name}: {status}: {reason}", file=sys.stderr)
+                    failed += 1
+                    continue
                 print(f"{name}: ok {found}")
             else:
                 spec.prepare(a.root)

@@ -15,7 +15,7 @@ import torch
 from reprolab.data import fewshot
 from reprolab.data.datamodule import ClassificationDataModule
 from reprolab.data.datasets import imagenet as inet
-from reprolab.data.fewshot import fewshot_splits, sample_fewshot
+from reprolab.data.fewshot import FewShotError, fewshot_splits, sample_fewshot
 from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import get_spec
 from reprolab.data.transforms import Preprocess
@@ -68,8 +68,10 @@ def test_real_dataset_kshot_train_and_coop_val_subset_cached(tmp_path, monkeypat
     monkeypatch.undo()
 
     k8 = _dm(tmp_path, "dtd", num_shots=8, val=True)
-    assert len(k8.train_dataloader().dataset) == 47 * 5  # fewer than k: all kept
     assert Counter(_labels(k8.val_dataloader())) == dict.fromkeys(range(47), 4)
+    # every class has 5 < 8 images: nothing would be few-shot, so training on it is refused
+    with pytest.raises(FewShotError, match="num_shots=8 exceeds the largest class of dtd train"):
+        k8.train_dataloader()
     full = _dm(tmp_path, "dtd", num_shots=None, val=True)
     assert len(full.train_dataloader().dataset) == 47 * 5
     assert len(full.val_dataloader().dataset) == 47 * 6  # num_shots: null keeps whole splits

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reprolab.data.base import TaskDataModule
-from reprolab.data.fewshot import fewshot_cache_dir, fewshot_splits
+from reprolab.data.fewshot import check_shots, fewshot_cache_dir, fewshot_splits
 from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
 from reprolab.data.transforms import Preprocess, build_transforms
@@ -115,6 +115,7 @@ class ClassificationDataModule(TaskDataModule):
         }
         self.preprocess: Preprocess | None = None
         self._splits: dict[str, Dataset] = {}
+        self._shots_checked = False
 
     @property
     def classnames(self) -> list[str]:
@@ -194,6 +195,13 @@ class ClassificationDataModule(TaskDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if not self._shots_checked:
+            # Only a method that trains asks for this loader: a k above the largest class is an
+            # error here (before the first step), classes below k are logged as capped. A post-hoc
+            # method on a small tree never trains on the subset and is not refused for its k.
+            labels = self.spec.load(self.root, "train").labels  # labels only, nothing decoded
+            check_shots(labels, self.num_shots, self.name, "train", self.classnames)
+            self._shots_checked = True
         return self._loader(self._splits["train"], True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -7,9 +7,14 @@ has exactly k). Val uses k_val = min(k, 4). We replay that with a local `random.
 result depends only on (labels, k, seed): not on global RNG state, devices or worker count. With CoOp's
 own split files and labels in split-file order this consumes the RNG exactly as CoOp does.
 
+A class with fewer than k training items keeps all of them (Dassl's rule, which CoOp inherits). When
+the subset is used for training, `check_shots` logs that cap with the classes it hits, and a k above
+the LARGEST class (nothing is few-shot, e.g. `data.num_shots=100000`) is an error (`FewShotError`)
+that suggests `data.num_shots=null`, raised before the first training step.
+
 The cache is `<dataset dir>/split_fewshot/shot_{k}-seed_{seed}.json` ({"train": [...], "val": [...]}
 indices into the full splits, plus a fingerprint of the labels); it is reused when the fingerprint
-matches and silently skipped when the folder is read-only.
+matches (a malformed cache is named and resampled) and silently skipped when the folder is read-only.
 """
 
 from __future__ import annotations
@@ -18,14 +23,76 @@ import hashlib
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from reprolab.data.spec import DatasetSpec, ImageSplit
+from reprolab.errors import ConfigValueError
 
 log = logging.getLogger(__name__)
 
 VAL_SHOTS_MAX = 4  # CoOp: val is sampled with min(k, 4) per class
+
+
+class FewShotError(ConfigValueError):
+    """`num_shots` does not select a few-shot subset (above the largest class, or below 1)."""
+
+
+def _check_k(num_shots: int, dataset: str) -> None:
+    if isinstance(num_shots, bool) or not isinstance(num_shots, int) or num_shots < 1:
+        raise FewShotError(
+            f"data.num_shots={num_shots!r} is not a positive integer ({dataset}); use k >= 1 "
+            "images per class, or data.num_shots=null for all images."
+        )
+
+
+def check_shots(
+    labels: Sequence[int],
+    num_shots: int | None,
+    dataset: str = "data",
+    split: str = "train",
+    classnames: Sequence[str] | None = None,
+) -> list[int]:
+    """Check k against the class sizes of the split a method trains on; returns the capped classes.
+
+    Raises `FewShotError` when k exceeds the largest class (the "few-shot" subset would be the
+    whole split, silently); logs the classes smaller than k, which keep all their items (the
+    Dassl / CoOp sampler's rule). Called when the k-shot subset is used for training, so a
+    post-hoc method (zero-shot) on a small tree is not refused for a k it never uses.
+    """
+    if num_shots is None:
+        return []
+    _check_k(num_shots, dataset)
+    sizes = Counter(int(y) for y in labels)
+    if not sizes:
+        raise FewShotError(f"{dataset}: the {split} split is empty; nothing to train on.")
+    largest = max(sizes.values())
+    if num_shots > largest:
+        raise FewShotError(
+            f"data.num_shots={num_shots} exceeds the largest class of {dataset} {split} "
+            f"({largest} images), so nothing would be few-shot; use data.num_shots=null for all "
+            f"images, or k <= {largest}."
+        )
+    capped = sorted(y for y, n in sizes.items() if n < num_shots)
+    if capped:
+
+        def label(y: int) -> str:
+            name = classnames[y] if classnames is not None and 0 <= y < len(classnames) else y
+            return f"{name} ({sizes[y]})"
+
+        shown = ", ".join(label(y) for y in capped[:10]) + (" ..." if len(capped) > 10 else "")
+        log.warning(
+            "%s %s: %d of %d classes have fewer than %d images and keep all of them "
+            "(as CoOp/Dassl): %s",
+            dataset,
+            split,
+            len(capped),
+            len(sizes),
+            num_shots,
+            shown,
+        )
+    return capped
 
 
 def _sample(labels: Sequence[int], k: int, rng: random.Random) -> list[int]:
@@ -52,8 +119,7 @@ def fewshot_indices(
     if num_shots is None:
         val = None if val_labels is None else list(range(len(val_labels)))
         return {"train": list(range(len(train_labels))), "val": val}
-    if num_shots < 1:
-        raise ValueError(f"num_shots must be >= 1 or None, got {num_shots}")
+    _check_k(num_shots, "data")
     rng = random.Random(seed)
     train = _sample(train_labels, num_shots, rng)
     val = None if val_labels is None else _sample(val_labels, min(num_shots, VAL_SHOTS_MAX), rng)
@@ -76,6 +142,14 @@ def cache_path(cache_dir: str | Path, num_shots: int, seed: int) -> Path:
     return Path(cache_dir) / f"shot_{num_shots}-seed_{seed}.json"
 
 
+def _valid_indices(value: object, n: int | None) -> bool:
+    if n is None:
+        return value is None
+    return isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in value
+    )
+
+
 def cached_fewshot_indices(
     train_labels: Sequence[int],
     val_labels: Sequence[int] | None,
@@ -83,19 +157,31 @@ def cached_fewshot_indices(
     seed: int,
     cache_dir: str | Path | None,
 ) -> dict[str, list[int] | None]:
-    """`fewshot_indices`, read from / written to `cache_dir` when given (and writable)."""
+    """`fewshot_indices`, read from / written to `cache_dir` when given (and writable).
+
+    The shot count is checked against the class sizes whether or not the cache is used; a cache
+    that is not JSON, not an object or holds indices out of range is named and resampled.
+    """
     if num_shots is None or cache_dir is None:
         return fewshot_indices(train_labels, val_labels, num_shots, seed)
+    _check_k(num_shots, "data")
     path = cache_path(cache_dir, num_shots, seed)
     fp = {"train": labels_fingerprint(train_labels), "val": labels_fingerprint(val_labels)}
     if path.is_file():
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
             if data.get("fingerprint") == fp:
-                return {"train": data["train"], "val": data["val"]}
+                n_val = None if val_labels is None else len(val_labels)
+                if _valid_indices(data.get("train"), len(train_labels)) and _valid_indices(
+                    data.get("val"), n_val
+                ):
+                    return {"train": data["train"], "val": data["val"]}
+                raise ValueError("indices missing or out of range")
             log.warning("%s was made for other splits; resampling", path)
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("unreadable few-shot cache %s (%s); resampling", path, err)
+        except (OSError, ValueError) as err:
+            log.warning("malformed few-shot cache %s (%s); resampling and rewriting it", path, err)
     out = fewshot_indices(train_labels, val_labels, num_shots, seed)
     try:
         from reprolab.data.sources import write_json

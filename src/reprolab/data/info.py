@@ -16,11 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
+from reprolab.errors import ReprolabError
+
 TestRole = Literal["id", "shift", "ood"]
 ROLES: tuple[str, ...] = ("id", "shift", "ood")
 
 
-class TaskInfoError(ValueError):
+class TaskInfoError(ReprolabError, ValueError):
     """A method needs something its data module's task info does not provide."""
 
 
@@ -54,7 +56,7 @@ class TaskInfo:
 
     def provides(self, key: str) -> bool:
         value = getattr(self, key, None)
-        if value is None:
+        if value is None or value == 0:  # a size of 0 (no vocabulary, no columns) is not provided
             return False
         if isinstance(value, (Sequence, dict)) and not isinstance(value, str):
             return len(value) > 0
@@ -142,8 +144,8 @@ class TokenInfo(TaskInfo):
     """Token sequences: vocabulary, sequence length and the tokenizer that produced them."""
 
     kind: ClassVar[str] = "token sequence"
-    vocab_size: int = 0
-    seq_len: int = 0
+    vocab_size: int | None = None
+    seq_len: int | None = None
     tokenizer: str | None = None
     pad_id: int | None = None
     test_sets: tuple[TestSet, ...] = (TestSet("test"),)

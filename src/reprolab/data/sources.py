@@ -31,7 +31,8 @@ from typing import Any
 
 from PIL import Image
 
-from reprolab.data.spec import ImageSplit
+from reprolab.data.spec import ImageSplit, malformed, regenerate_fix
+from reprolab.errors import ReprolabError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ SPLITS = ("train", "val", "test")
 Item = tuple[str, int, str]  # (path relative to the image directory, label, classname), as CoOp
 
 
-class CountMismatchError(ValueError):
+class CountMismatchError(ReprolabError, ValueError):
     """A prepared dataset does not have the expected number of images or classes."""
 
 
@@ -118,9 +119,13 @@ def imagefolder_items(
 # Split files
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike, name: str | None = None) -> Any:
+    """Parse a JSON file; invalid JSON is a `MalformedDataError` naming the file and dataset `name`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise malformed(path, f"is not valid JSON ({err})", regenerate_fix(name)) from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -137,10 +142,43 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
             os.unlink(tmp)
 
 
-def read_split_json(path: str | os.PathLike) -> dict[str, list[Item]]:
-    """Read a CoOp-schema split file into `{split: [(relpath, label, classname), ...]}`."""
-    raw = read_json(path)
-    return {k: [(str(p), int(y), str(c)) for p, y, c in v] for k, v in raw.items()}
+def read_split_json(
+    path: str | os.PathLike, name: str | None = None, required: Sequence[str] = SPLITS
+) -> dict[str, list[Item]]:
+    """Read a CoOp-schema split file into `{split: [(relpath, label, classname), ...]}`.
+
+    A file that is not JSON, not an object, lacks one of `required` (train, val, test) or holds an
+    entry that is not `[relpath, label, classname]` raises `MalformedDataError` naming the file, the
+    problem and the command that regenerates it (`name` is the dataset).
+    """
+    raw = read_json(path, name)
+    fix = regenerate_fix(name)
+    if not isinstance(raw, dict):
+        raise malformed(path, f"holds a JSON {type(raw).__name__}, not a split object", fix)
+    missing = [k for k in required if k not in raw]
+    if missing:
+        found = ", ".join(sorted(map(str, raw))) or "nothing"
+        raise malformed(path, f"has no {'/'.join(missing)} split (found: {found})", fix)
+    out: dict[str, list[Item]] = {}
+    for k, v in raw.items():
+        if not isinstance(v, list):
+            raise malformed(path, f"split {k!r} is a {type(v).__name__}, not a list", fix)
+        items: list[Item] = []
+        for i, it in enumerate(v):
+            ok = isinstance(it, (list, tuple)) and len(it) == 3
+            ok = ok and isinstance(it[0], str) and isinstance(it[1], int)
+            if not ok or isinstance(it[1], bool) or it[1] < 0:
+                raise malformed(
+                    path,
+                    f"entry {i} of split {k!r} is {json.dumps(it)[:80]}, not "
+                    "[relpath, label >= 0, classname]",
+                    fix,
+                )
+            items.append((it[0], it[1], str(it[2])))
+        out[k] = items
+    if not any(out.values()):
+        raise malformed(path, "has no items in any split", fix)
+    return out
 
 
 def write_split_json(path: str | os.PathLike, splits: Mapping[str, Sequence[Item]]) -> None:
@@ -173,7 +211,9 @@ def split_by_class(
 
 
 def fixed_split(
-    path: str | os.PathLike, make: Callable[[], Mapping[str, Sequence[Item]]]
+    path: str | os.PathLike,
+    make: Callable[[], Mapping[str, Sequence[Item]]],
+    name: str | None = None,
 ) -> dict[str, list[Item]]:
     """The split stored at `path`; on first use it is built by `make()` and written there.
 
@@ -182,7 +222,7 @@ def fixed_split(
     """
     path = Path(path)
     if path.is_file():
-        return read_split_json(path)
+        return read_split_json(path, name, required=())
     splits = {k: list(v) for k, v in make().items()}
     try:
         write_split_json(path, splits)

@@ -17,11 +17,32 @@ from typing import Any
 import torch
 from PIL import Image
 
+from reprolab.errors import ReprolabError
 from reprolab.utils.naming import unknown_name
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(ReprolabError, FileNotFoundError):
     """A dataset is missing or incomplete under the data root."""
+
+
+class MalformedDataError(DataNotFoundError):
+    """A data or metadata file exists but cannot be used (bad JSON, wrong schema, empty list).
+
+    A subclass of `DataNotFoundError`: the data is not ready, and code that already reports a
+    missing dataset in one line (the runner, `prepare_data.py`) reports this one as well. The
+    message names the file, the problem and the fix.
+    """
+
+
+def malformed(path: str | Path, problem: str, fix: str) -> MalformedDataError:
+    """`MalformedDataError` with the one-line message `<path>: <problem>; <fix>.`"""
+    return MalformedDataError(f"{path}: {problem}; {fix}.")
+
+
+def regenerate_fix(name: str | None) -> str:
+    """How to rebuild a prepared file of dataset `name`: delete it and prepare again."""
+    cmd = f"python scripts/prepare_data.py {name}" if name else "python scripts/prepare_data.py"
+    return f"delete it and run `{cmd}` to regenerate it"
 
 
 class ImageSplit(torch.utils.data.Dataset):
@@ -136,7 +157,26 @@ def _import_all() -> None:
         importlib.import_module(f"reprolab.data.datasets.{mod.name}")
 
 
+def assets_dir() -> Any:
+    """The packaged assets folder (`reprolab/data/assets`), a `Traversable`."""
+    return resources.files("reprolab.data").joinpath("assets")
+
+
 def read_lines(asset: str) -> list[str]:
-    """Read a packaged text asset (`data/assets/<asset>`), one entry per non-empty line."""
-    text = resources.files("reprolab.data").joinpath("assets", asset).read_text(encoding="utf-8")
-    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    """Read a packaged text asset (`data/assets/<asset>`), one entry per non-empty line.
+
+    An empty class-name or template list would give a run at chance that is recorded as finished,
+    so an asset without entries is an error naming the file, and so is a template without `{}`
+    (every class would get the same prompt).
+    """
+    path = assets_dir().joinpath(asset)
+    text = path.read_text(encoding="utf-8")
+    lines = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    fix = "restore it from git (`git checkout -- <file>`), one entry per line"
+    if not lines:
+        raise malformed(path, "is empty (no class names / templates)", fix)
+    if Path(asset).name.startswith("templates"):
+        bad = [t for t in lines if "{}" not in t]
+        if bad:
+            raise malformed(path, f"template {bad[0]!r} has no '{{}}' for the class name", fix)
+    return lines

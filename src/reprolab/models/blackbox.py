@@ -5,7 +5,8 @@ CVPR 2023, arXiv 2303.14773) and its baselines (BAR, VP with SPSA-GC). The black
 paper (spec §1): a method sends images and receives the zero-shot logits
 ``logit_scale * normalize(f(x)) @ T.T`` with one text head computed once; no gradient ever flows
 through CLIP, and the number of queries is part of the setting (spec §11: calls and images are both
-recorded).
+recorded). Training queries (`queries`, `images`: what the budget limits and what the paper reports)
+are counted apart from evaluation queries (`eval_counts["val"]`, `eval_counts["test"]`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reprolab.errors import ConfigValueError
+
 log = logging.getLogger(__name__)
+
+Phase = Literal["train", "val", "test"]
+EVAL_PHASES = ("val", "test")
 
 __all__ = ["BlackBox", "BlackBoxGradientError", "QueryBudgetExceeded", "ZeroShotBackbone"]
 
@@ -53,7 +59,8 @@ class BlackBox:
             ``logit_scale``.
         classnames: Class names of the task.
         templates: Prompt templates (``{}`` is replaced by the class name).
-        budget: Optional maximum number of ``budget_unit`` (images or queries) over the whole run.
+        budget: Optional maximum number of ``budget_unit`` (images or queries) over the whole run's
+            training; must be > 0 (a budget of 0 trains nothing and is refused at build time).
         budget_unit: What ``budget`` counts: ``"images"`` or ``"queries"``.
         max_batch: Images evaluated per backbone forward; larger stacks are split into chunks of
             this size (memory only: the logits are the same).
@@ -65,6 +72,7 @@ class BlackBox:
         "_num_classes",
         "queries",
         "images",
+        "eval_counts",
         "budget",
         "budget_unit",
         "max_batch",
@@ -83,6 +91,13 @@ class BlackBox:
             raise ValueError(f"Unknown budget_unit '{budget_unit}'; available: images, queries.")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
+        ):
+            raise ConfigValueError(
+                f"BlackBox query budget={budget!r} leaves no query for training; give a positive "
+                f"number of {budget_unit} (method.budget), or None (method.budget=null) for no limit."
+            )
         if hasattr(backbone, "eval"):
             backbone.eval()
         if hasattr(backbone, "requires_grad_"):
@@ -111,6 +126,7 @@ class BlackBox:
         object.__setattr__(self, "_num_classes", int(weights.shape[0]))
         self.queries = 0
         self.images = 0
+        self.eval_counts = {p: {"queries": 0, "images": 0} for p in EVAL_PHASES}
         self.budget = budget
         self.budget_unit = budget_unit
         self.max_batch = max_batch
@@ -135,7 +151,11 @@ class BlackBox:
         self._to(device)
         return self
 
-    def __call__(self, images: Tensor, queries: int = 1) -> Tensor:
+    def reset_eval(self, phase: str) -> None:
+        """Zero the counters of evaluation phase ``phase`` (``"val"`` or ``"test"``)."""
+        self.eval_counts[phase] = {"queries": 0, "images": 0}
+
+    def __call__(self, images: Tensor, queries: int = 1, phase: Phase = "train") -> Tensor:
         """Logits of a batch of CLIP-normalised images.
 
         Args:
@@ -143,6 +163,9 @@ class BlackBox:
                 # (queries * B, 3, H, W)
             queries: How many black-box calls this stack stands for (e.g. 2q for a batched SPSA
                 step); counted in ``self.queries``.
+            phase: ``"train"`` queries are limited by the budget and counted in ``queries`` /
+                ``images``; ``"val"`` and ``"test"`` queries are evaluation, never limited, and
+                counted in ``eval_counts[phase]``.
 
         Returns:
             Logits without autograd history.  # (queries * B, C)
@@ -165,9 +188,11 @@ class BlackBox:
             raise ValueError(
                 f"{images.shape[0]} images cannot be split into queries={queries} equal minibatches."
             )
+        if phase != "train" and phase not in EVAL_PHASES:
+            raise ValueError(f"Unknown phase '{phase}'; available: train, val, test.")
         n = int(images.shape[0])
         cost = n if self.budget_unit == "images" else queries
-        if self.budget is not None and self.used + cost > self.budget:
+        if phase == "train" and self.budget is not None and self.used + cost > self.budget:
             raise QueryBudgetExceeded(
                 f"Query budget exhausted: {self.used} of {self.budget} {self.budget_unit} used, this "
                 f"call needs {cost} more. Stop training (the method should catch this) or raise "
@@ -175,11 +200,16 @@ class BlackBox:
             )
         with torch.inference_mode():
             out = torch.cat([self._forward(chunk) for chunk in images.split(self.max_batch)])
-        self.queries += queries
-        self.images += n
+        if phase == "train":
+            self.queries += queries
+            self.images += n
+        else:
+            counts = self.eval_counts[phase]
+            counts["queries"] += queries
+            counts["images"] += n
         return out.clone()  # a normal tensor: usable outside inference mode
 
-    def query_many(self, batches: Sequence[Tensor]) -> list[Tensor]:
+    def query_many(self, batches: Sequence[Tensor], phase: Phase = "train") -> list[Tensor]:
         """Evaluate several minibatches (each one query) together, chunked by ``max_batch``.
 
         Returns:
@@ -187,12 +217,13 @@ class BlackBox:
         """
         sizes = [int(b.shape[0]) for b in batches]
         if len(set(sizes)) > 1:
-            return [self(b) for b in batches]
-        logits = self(torch.cat(list(batches)), queries=len(batches))
+            return [self(b, phase=phase) for b in batches]
+        logits = self(torch.cat(list(batches)), queries=len(batches), phase=phase)
         return list(logits.split(sizes))
 
     def state(self) -> dict[str, int]:
-        """Counters, for checkpoints (a resumed run keeps counting)."""
+        """Training counters, for checkpoints (a resumed run keeps counting; evaluation counters
+        are per evaluation pass and are not saved)."""
         return {"queries": self.queries, "images": self.images}
 
     def load_state(self, state: dict[str, int]) -> None:
@@ -204,8 +235,8 @@ class BlackBox:
         raise AttributeError(
             f"BlackBox has no attribute '{name}': it is a query-only view of the target model "
             "(images in, logits out) and exposes no backbone, parameters or gradients. Available: "
-            "__call__, query_many, num_classes, queries, images, budget, remaining, state, "
-            "load_state, to."
+            "__call__, query_many, num_classes, queries, images, eval_counts, reset_eval, budget, "
+            "remaining, state, load_state, to."
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -217,5 +248,5 @@ class BlackBox:
         budget = "none" if self.budget is None else f"{self.budget} {self.budget_unit}"
         return (
             f"BlackBox(classes={self._num_classes}, queries={self.queries}, images={self.images}, "
-            f"budget={budget}, max_batch={self.max_batch})"
+            f"eval={self.eval_counts}, budget={budget}, max_batch={self.max_batch})"
         )

@@ -30,6 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from reprolab.errors import ReprolabError
 from reprolab.utils.naming import did_you_mean, unknown_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ TABLE_KEYS = TABLE_KEYS_REQUIRED + tuple(TABLE_KEYS_OPTIONAL)
 SWEEP_KEYS = ("experiment", "seed")
 
 
-class TableConfigError(ValueError):
+class TableConfigError(ReprolabError, ValueError):
     """A table config is inconsistent; `errors` lists every problem found (not just the first)."""
 
     def __init__(self, name: str, path: Path | str, errors: list[str]) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from reprolab.errors import ConfigValueError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -74,14 +76,14 @@ def validate_config(cfg: DictConfig) -> None:
     metric = str(cfg.paper.metric)
     if not metric_is_logged(target, metric):
         keys = ", ".join(method_metric_keys(target))
-        raise ValueError(
+        raise ConfigValueError(
             f"paper.metric '{metric}' is not a key method={cfg.method.name} logs; it logs: {keys}."
         )
     post_hoc = bool(cfg.method.get("post_hoc", False))
     if cfg.train is None:
         cfg.train = not post_hoc
     elif cfg.train and post_hoc:
-        raise ValueError(
+        raise ConfigValueError(
             f"method={cfg.method.name} is post-hoc (nothing to train); set train=false."
         )
     table = cfg.get("table_name") or (cfg.get("table") or {}).get("name")

@@ -341,7 +341,7 @@ class SplitFileSpec(LocalSpec):
     def splits(self, root: Path) -> dict[str, list[Item]]:
         path = self.split_path(root)
         if path is not None:
-            splits = sources.read_split_json(path)
+            splits = sources.read_split_json(path, self.name, required=self.split_names_required)
             # split files written by other code may hold paths relative to the dataset folder
             first = next((it[0] for v in splits.values() for it in v), None)
             if first is not None:
@@ -357,8 +357,13 @@ class SplitFileSpec(LocalSpec):
             self.fallback_file,
         )
         return sources.fixed_split(
-            self.dataset_dir(root) / self.fallback_file, lambda: self.make_fallback(root)
+            self.dataset_dir(root) / self.fallback_file, lambda: self.make_fallback(root), self.name
         )
+
+    @property
+    def split_names_required(self) -> tuple[str, ...]:
+        """Splits a split file must hold: those `load` reads from it (train, val, test sets)."""
+        return tuple(s for s in ("train", "val", "test") if s in self.splits_available)
 
     def adopt_classnames(self, splits: dict[str, list[Item]], source: str) -> None:
         """Compare the split file's class names with ours; the split file wins, as in CoOp."""

@@ -84,11 +84,12 @@ def resolve_objectnet_mappings(mappings: str | Path) -> list[tuple[str, str, lis
     PyTorch (= sorted-wnid) indices. Sorted by folder.
     """
     m = Path(mappings)
-    folder_to_name = sources.read_json(m / "folder_to_objectnet_label.json")
+    folder_to_name = sources.read_json(m / "folder_to_objectnet_label.json", "objectnet")
     name_to_folder = {v: k for k, v in folder_to_name.items()}
-    to_imagenet = sources.read_json(m / "objectnet_to_imagenet_1k.json")
+    to_imagenet = sources.read_json(m / "objectnet_to_imagenet_1k.json", "objectnet")
     id2012_to_torch = {
-        int(v): int(k) for k, v in sources.read_json(m / "pytorch_to_imagenet_2012_id.json").items()
+        int(v): int(k)
+        for k, v in sources.read_json(m / "pytorch_to_imagenet_2012_id.json", "objectnet").items()
     }
     lines = (m / "imagenet_to_label_2012_v2").read_text(encoding="utf-8").splitlines()
     name_to_torch = {
@@ -190,6 +191,7 @@ class ImageNetSpec(LocalSpec):
         index = sources.fixed_split(
             self.dataset_dir(root) / "split_reprolab_ImageNet.json",
             lambda: {"train": listing("train"), "test": listing("val")},
+            self.name,
         )
         return {"train": index["train"], "val": index["test"], "test": index["test"]}
 

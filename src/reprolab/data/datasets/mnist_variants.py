@@ -140,7 +140,7 @@ class _MNISTVariant(SplitFileSpec):
 
     def splits(self, root: Path) -> dict[str, list[Item]]:
         return sources.fixed_split(
-            self.dataset_dir(root) / self.fallback_file, lambda: self.make_fallback(root)
+            self.dataset_dir(root) / self.fallback_file, lambda: self.make_fallback(root), self.name
         )
 
     def _folder_items(self, root: Path, split: str) -> list[Item]:

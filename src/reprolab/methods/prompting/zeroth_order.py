@@ -5,6 +5,10 @@ logits out, no parameters, no autograd) and estimates gradients from loss querie
 define the prompt (`prompted`, `prompted_batched`), the loss and the optimiser; this class runs the
 step with Lightning's manual optimisation, counts queries, honours a query budget and keeps the
 optimiser and oracle state in checkpoints so that a resumed run continues exactly.
+
+Query counts: `train/queries`, `train/images` are the training queries only (what the budget limits
+and the paper reports); evaluation is counted apart, `test/queries`, `test/images` for the test pass
+(every test set) and `val/queries`, `val/images` for validation during training.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprolab.errors import ConfigValueError
 from reprolab.methods.base import ClassificationMethod
-from reprolab.models.blackbox import BlackBox, QueryBudgetExceeded
+from reprolab.models.blackbox import BlackBox, Phase, QueryBudgetExceeded
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +32,8 @@ class ZerothOrderPrompting(ClassificationMethod):
 
     Args:
         model: the target model; it is wrapped in a `BlackBox` and not kept.
-        budget: optional limit on images sent to the oracle during training; training stops cleanly
-            when the next step would exceed it.
+        budget: optional limit (> 0) on images sent to the oracle during training; training stops
+            cleanly when the next step would exceed it. Evaluation queries are not limited.
         batched: evaluate all perturbations of a step in one oracle call (False: one call per
             perturbation; identical update, used by the benchmark).
         max_batch: images per oracle forward (memory only).
@@ -46,6 +51,14 @@ class ZerothOrderPrompting(ClassificationMethod):
         max_batch: int = 2048,
         **kwargs: Any,
     ) -> None:
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
+        ):
+            name = kwargs.get("name", type(self).__name__)
+            raise ConfigValueError(
+                f"method={name}: method.budget={budget!r} leaves no query for training; give a "
+                "positive number of training images, or method.budget=null for no limit."
+            )
         super().__init__(*args, model=None, **kwargs)
         self.automatic_optimization = False
         self.preprocess = model.preprocess
@@ -57,7 +70,6 @@ class ZerothOrderPrompting(ClassificationMethod):
         self.batched = batched
         self.optimizer: Any = None  # a zeroth-order optimiser (SPSA, RGF), built by subclasses
         self.budget_exhausted = False
-        self._train_usage = {"queries": 0, "images": 0}
 
     # -- what subclasses define -------------------------------------------------------------
     def prompted(self, images: Tensor) -> Tensor:
@@ -123,9 +135,6 @@ class ZerothOrderPrompting(ClassificationMethod):
         progress.increment_ready()
         progress.increment_completed()
 
-    def on_train_end(self) -> None:
-        self._train_usage = {"queries": self.oracle.queries, "images": self.oracle.images}
-
     def configure_optimizers(self) -> None:
         return None  # the zeroth-order optimiser lives outside torch.optim
 
@@ -137,27 +146,43 @@ class ZerothOrderPrompting(ClassificationMethod):
 
     @classmethod
     def metric_keys(cls) -> tuple[str, ...]:
-        return (*super().metric_keys(), "train/queries", "train/images", "train/queries_per_step")
+        return (
+            *super().metric_keys(),
+            "train/queries",
+            "train/images",
+            "train/queries_per_step",
+            "test/queries",
+            "test/images",
+            "val/queries",
+            "val/images",
+        )
 
     # -- evaluation -------------------------------------------------------------------------
+    def _eval_phase(self) -> Phase:
+        trainer = self._trainer
+        if trainer is not None and (trainer.validating or trainer.sanity_checking):
+            return "val"
+        return "test"  # the test loop, or a call outside a trainer
+
     def logits(self, images: Tensor) -> Tensor:
-        saved, self.oracle.budget = self.oracle.budget, None  # the budget is a training budget
-        try:
-            return self.oracle(self.prompted(images))
-        finally:
-            self.oracle.budget = saved
+        # Evaluation queries are never limited by the (training) budget and are counted apart.
+        return self.oracle(self.prompted(images), phase=self._eval_phase())
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self.oracle.reset_eval("test")  # one test pass: test/images = the size of the test sets
 
     def extra_metrics(self) -> dict[str, float]:
-        usage = (
-            self._train_usage
-            if self._train_usage["queries"]
-            else {"queries": self.oracle.queries, "images": self.oracle.images}
-        )
-        return {
-            "train/queries": float(usage["queries"]),
-            "train/images": float(usage["images"]),
+        out = {
+            "train/queries": float(self.oracle.queries),
+            "train/images": float(self.oracle.images),
             "train/queries_per_step": float(self.optimizer.queries_per_step),
         }
+        for phase, counts in self.oracle.eval_counts.items():
+            if phase == "test" or counts["queries"]:
+                out[f"{phase}/queries"] = float(counts["queries"])
+                out[f"{phase}/images"] = float(counts["images"])
+        return out
 
     # -- resume -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
