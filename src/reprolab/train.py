@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -20,14 +19,32 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reprolab.callbacks import Throughput
+from reprolab.errors import ConfigValueError
+from reprolab.runguard import (
+    ON_CONFIG_CHANGE,
+    FiniteLoss,
+    NoTrainingSteps,
+    RunDirError,
+    RunLock,
+    RunRefused,
+    SignalGuard,
+    check_identity,
+    resolve_checkpoint,
+    set_aside_checkpoints,
+)
 from reprolab.utils.config import validate_config
 from reprolab.utils.run_record import (
     FAILED_FILE,
+    FINGERPRINT_FILE,
     METRICS_FILE,
     ROUNDS_FILE,
+    fingerprint_config,
+    fingerprint_of,
     git_info,
     now,
+    read_or_set_aside,
     read_record,
+    start_record,
     write_failure,
     write_json_atomic,
 )
@@ -35,13 +52,18 @@ from reprolab.utils.run_record import (
 log = logging.getLogger("reprolab")
 
 
+def _fresh(cfg: DictConfig) -> bool:
+    return cfg.ckpt_path in (None, "null", "none")
+
+
 def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path | None = None) -> str | None:
-    """`auto` → `<ckpt_dir>/last.ckpt` when it exists (a restart is a resume)."""
-    if cfg.ckpt_path in (None, "null", "none"):
+    """`auto` → `<ckpt_dir>/last.ckpt` when torch can read it (a restart is a resume); a corrupt
+    one is moved aside and the newest readable checkpoint resumed, or none (see
+    `reprolab.runguard.resolve_checkpoint`)."""
+    if _fresh(cfg):
         return None
     if cfg.ckpt_path == "auto":
-        last = (ckpt_dir or Path(cfg.paths.run_dir) / "checkpoints") / "last.ckpt"
-        return str(last) if last.is_file() else None
+        return resolve_checkpoint(ckpt_dir or Path(cfg.paths.run_dir) / "checkpoints")
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist (use ckpt_path=auto or null).")
@@ -80,14 +102,15 @@ def _interactive() -> bool:
     return sys.stdout.isatty() and "SLURM_JOB_ID" not in os.environ
 
 
-def _base_record(cfg: DictConfig) -> dict[str, Any]:
+def _base_record(cfg: DictConfig, fingerprint: str) -> dict[str, Any]:
     return {
+        "fingerprint": fingerprint,
         "cell": cfg.cell,
         "seed": int(cfg.seed),
         "experiment": cfg.get("experiment_name"),
         "paper": OmegaConf.to_container(cfg.paper, resolve=True),
         "method": cfg.method.name,
-        "model": cfg.model.name,
+        "model": cfg.model.name if cfg.get("model") else None,
         "data": cfg.data.name,
         "tags": list(cfg.get("tags") or []),
         "git": git_info(),
@@ -95,10 +118,78 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one table cell for one seed and return its record (also written to metrics.json)."""
+    """Run one table cell for one seed and return its record (also written to metrics.json).
+
+    One process per run dir (`<run_dir>/.lock`); a run of another config there is refused or,
+    with `on_config_change=replace`, moved aside; a finished run of this config is returned as it
+    is (`skip_if_done`). Whatever fails once the lock is held leaves `failed.json` (cell, seed,
+    fingerprint, one-line error, traceback) and is re-raised; a signal ends the run with
+    `RunInterrupted` after a checkpoint (see `reprolab.runguard`).
+    """
     run_dir = Path(cfg.paths.run_dir)
+    record = start_record(cfg)  # what a failed.json can say if the config itself is broken
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(
+            f"cannot create the run dir {run_dir} ({e.strerror or e}); set paths.log_dir "
+            "(or LOG_ROOT) to a writable directory."
+        ) from e
+    lock = RunLock(run_dir).acquire()  # RunLocked (one line naming the holder) when taken
+    guard = SignalGuard()
+    wandb_used: list[bool] = []
+    try:
+        guard.install()
+        return _run_locked(cfg, run_dir, record, guard, wandb_used)
+    except RunRefused:
+        raise  # nothing was started: the run dir stays as it was
+    except BaseException as exc:
+        try:
+            write_failure(run_dir, record, exc)
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            log.error("Could not write %s: %s", run_dir / FAILED_FILE, e)
+        raise
+    finally:
+        guard.restore()
+        lock.release()
+        if wandb_used:
+            import wandb
+
+            wandb.finish()
+
+
+def _on_config_change(cfg: DictConfig) -> str:
+    policy = str(cfg.get("on_config_change") or "refuse")
+    if policy not in ON_CONFIG_CHANGE:
+        raise ConfigValueError(
+            f"on_config_change={policy!r} is not one of {', '.join(ON_CONFIG_CHANGE)} (config key "
+            "on_config_change); use on_config_change=refuse (default) or replace."
+        )
+    return policy
+
+
+def _run_locked(
+    cfg: DictConfig,
+    run_dir: Path,
+    record: dict[str, Any],
+    guard: SignalGuard,
+    wandb_used: list[bool],
+) -> dict[str, Any]:
+    """`run` once the lock is held; `record` is filled in place (failed.json is written from it)."""
+    policy = _on_config_change(cfg)
+    validate_config(cfg)  # fills train and paper.metric: part of the fingerprint
+    container = fingerprint_config(cfg)
+    fingerprint = fingerprint_of(container)
+    record.clear()
+    record.update(_base_record(cfg, fingerprint))
+    read_or_set_aside(run_dir / FAILED_FILE)  # a damaged one is moved aside, with a warning
     done = read_record(run_dir)
-    if done is not None and cfg.get("skip_if_done", True):
+    identity = check_identity(
+        run_dir, fingerprint, container, done, policy=policy, resume=cfg.ckpt_path == "auto"
+    )
+    if identity.replaced:
+        done = None
+    if done is not None and identity.skip and cfg.get("skip_if_done", True):
         log.info(
             "%s/seed%s already finished (%s); skipping (skip_if_done=false reruns it)",
             cfg.cell,
@@ -107,60 +198,49 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         _print_summary(done, run_dir)
         return done
-    validate_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / FINGERPRINT_FILE, {"fingerprint": fingerprint, "config": container})
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    if _fresh(cfg) and cfg.train:
+        set_aside_checkpoints(run_dir / "checkpoints")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    record = _base_record(cfg)
     start = time.time()
-    wandb_used = False
-    try:
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = _instantiate_data(cfg)  # fails fast if data is missing
-        model = hydra.utils.instantiate(cfg.model) if cfg.get("model") else None
-        method = hydra.utils.instantiate(cfg.method, _convert_="all")(
-            model=model, info=datamodule.info
-        )
-        datamodule.configure(**method.data_requirements())
-        loggers = _build_loggers(cfg)
-        wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
-        wandb_used = bool(wandb_loggers)
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        throughput = Throughput()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        metrics, trainer, rounds = _fit_and_test(cfg, method, datamodule, loggers, throughput)
-        metrics.update(method.extra_metrics())
-        metrics.update(method.param_counts())
-        metrics.update(throughput.metrics(metrics.get("train/images")))
-        record.update(
-            status="finished",
-            metrics=dict(sorted(metrics.items())),
-            wall_time_s=round(time.time() - start, 2),
-            peak_memory_mb=_peak_memory_mb(),
-            wandb_id=_wandb_id(run_dir),
-            finished_at=now(),
-            global_step=int(trainer.global_step),
-            task=datamodule.info.kind,
-        )
-        if rounds is not None:
-            record["rounds"] = rounds
-        write_json_atomic(run_dir / METRICS_FILE, record)
-        (run_dir / FAILED_FILE).unlink(missing_ok=True)
-        for lg in wandb_loggers:
-            lg.experiment.summary.update(metrics)
-        _print_summary(record, run_dir)
-        return record
-    except BaseException as exc:
-        write_failure(run_dir, record, exc)
-        raise
-    finally:
-        if wandb_used:
-            import wandb
-
-            wandb.finish()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = _instantiate_data(cfg)  # fails fast if data is missing
+    model = hydra.utils.instantiate(cfg.model) if cfg.get("model") else None
+    method = hydra.utils.instantiate(cfg.method, _convert_="all")(model=model, info=datamodule.info)
+    datamodule.configure(**method.data_requirements())
+    loggers = _build_loggers(cfg)
+    wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+    if wandb_loggers:
+        wandb_used.append(True)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    throughput = Throughput()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    metrics, trainer, rounds = _fit_and_test(cfg, method, datamodule, loggers, throughput, guard)
+    metrics.update(method.extra_metrics())
+    metrics.update(method.param_counts())
+    metrics.update(throughput.metrics(metrics.get("train/images")))
+    record.update(
+        status="finished",
+        metrics=dict(sorted(metrics.items())),
+        wall_time_s=round(time.time() - start, 2),
+        peak_memory_mb=_peak_memory_mb(),
+        wandb_id=_wandb_id(run_dir),
+        finished_at=now(),
+        global_step=int(trainer.global_step),
+        task=datamodule.info.kind,
+    )
+    if rounds is not None:
+        record["rounds"] = rounds
+    write_json_atomic(run_dir / METRICS_FILE, record)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    for lg in wandb_loggers:
+        lg.experiment.summary.update(metrics)
+    _print_summary(record, run_dir)
+    return record
 
 
 def _trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
@@ -181,8 +261,30 @@ def _test_metrics(trainer: L.Trainer, method: L.LightningModule, datamodule: Any
     return metrics
 
 
+def _fit(
+    cfg: DictConfig, trainer: L.Trainer, method: Any, datamodule: Any, ckpt: str | None
+) -> None:
+    """`trainer.fit`, then the check that it trained: 0 steps with `train=true` is an error."""
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+    if trainer.global_step == 0:  # a resumed run starts from its checkpoint's (> 0) step
+        raise NoTrainingSteps(
+            f"method={cfg.method.name} trained 0 steps although train=true (the fit loop made no "
+            "optimiser step); check trainer.max_epochs / max_steps / limit_train_batches, the "
+            "train split and the method's budget, or set train=false to only evaluate."
+        )
+
+
+def _guards(guard: SignalGuard | None, ckpt_dir: Path) -> list[L.Callback]:
+    return [FiniteLoss(), *([guard.callback(ckpt_dir)] if guard is not None else [])]
+
+
 def _fit_and_test(
-    cfg: DictConfig, method: Any, datamodule: Any, loggers: list, throughput: Throughput
+    cfg: DictConfig,
+    method: Any,
+    datamodule: Any,
+    loggers: list,
+    throughput: Throughput,
+    guard: SignalGuard | None = None,
 ) -> tuple[dict[str, float], L.Trainer, list[dict[str, Any]] | None]:
     """Fit (unless post-hoc) and test; with rounds, once per round, resuming where a run died.
 
@@ -193,19 +295,21 @@ def _fit_and_test(
     """
     run_dir = Path(cfg.paths.run_dir)
     if method.num_rounds == 1:
-        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput])
+        guards = _guards(guard, run_dir / "checkpoints")
+        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput, *guards])
         if cfg.train:
             ckpt = resolve_ckpt_path(cfg)
             if ckpt:
                 log.info("Resuming from %s", ckpt)
-            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+            _fit(cfg, trainer, method, datamodule, ckpt)
         return _test_metrics(trainer, method, datamodule), trainer, None
 
     rounds_file = run_dir / ROUNDS_FILE
-    fresh = cfg.ckpt_path in (None, "null", "none")
+    fresh = _fresh(cfg)
     done: list[dict[str, Any]] = []
-    if rounds_file.is_file() and not fresh:
-        done = json.loads(rounds_file.read_text())["rounds"]
+    if not fresh:  # a damaged rounds.json is moved aside: the rounds rerun from their checkpoints
+        state = read_or_set_aside(rounds_file)
+        done = list((state or {}).get("rounds") or [])
     restore: list[L.Callback] = []
     if done:
         last = len(done) - 1
@@ -219,13 +323,14 @@ def _fit_and_test(
     for r in range(len(done), method.num_rounds):
         ckpt_dir = run_dir / "checkpoints" / f"round{r}"
         method.start_round(r, datamodule)
-        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg, ckpt_dir), throughput, *restore])
+        callbacks = [*_build_callbacks(cfg, ckpt_dir), throughput, *restore]
+        trainer = _trainer(cfg, loggers, [*callbacks, *_guards(guard, ckpt_dir)])
         restore = []
         if cfg.train:
             ckpt = resolve_ckpt_path(cfg, ckpt_dir) if not fresh else None
             if ckpt:
                 log.info("Round %d: resuming from %s", r, ckpt)
-            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+            _fit(cfg, trainer, method, datamodule, ckpt)
         metrics = _test_metrics(trainer, method, datamodule)
         done.append(
             {"round": r, "metrics": dict(sorted(metrics.items())), "state": method.round_state()}
@@ -233,7 +338,8 @@ def _fit_and_test(
         write_json_atomic(rounds_file, {"rounds": done})
         log.info("Round %d of %d done: %s", r, method.num_rounds, _headline(metrics, cfg))
     if trainer is None:  # every round had finished before this start: test the restored method
-        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput, *restore])
+        guards = _guards(guard, run_dir / "checkpoints")
+        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput, *restore, *guards])
         metrics = _test_metrics(trainer, method, datamodule)
     return metrics, trainer, done
 
