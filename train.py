@@ -10,8 +10,9 @@ When things go wrong:
   the environment to get the full traceback as well;
 - an exception that carries an int `exit_code` (a run interrupted by SIGTERM / SIGINT: 128 + the
   signal) prints its message and exits with that status;
-- in a Hydra `--multirun`, an ordinary error of one job is reported in one line and re-raised as an
-  exception (not `sys.exit`), so Hydra records that job as failed and runs the others;
+- in a Hydra `--multirun`, an ordinary error of one job is reported in one line, recorded in the
+  cell's failed.json, and re-raised as an exception (not `sys.exit`), so Hydra records that job as
+  failed and runs the others; `FailedCells` (reprolab.tables.hydra_callbacks) lists them all at the end;
 - anything else is a bug: its traceback is printed as usual.
 """
 
@@ -72,6 +73,7 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.set_struct(cfg, False)
     cfg.experiment_name = choices.get("experiment")
     cfg.table_name = choices.get("table")
+    started = False
     try:
         from reprolab.utils.checks import check_values
 
@@ -80,8 +82,15 @@ def main(cfg: DictConfig) -> None:
         from reprolab.utils.loggers import quiet_library_loggers
 
         quiet_library_loggers()  # Lightning's own console handler, now that it is imported
-        run(cfg)
+        started = True
+        run(cfg)  # from here on, run() writes failed.json itself
     except BaseException as exc:  # sorted into signals, user errors and bugs by _report
+        if not started and _multirun():
+            # A cell of a table that cannot start is `failed` (with its reason), not `missing`,
+            # for the aggregator. A single run just prints the error: no run dir for a typo.
+            from reprolab.utils.run_record import record_cannot_start
+
+            record_cannot_start(cfg, exc)
         _report(exc)
 
 

@@ -58,6 +58,7 @@ def test_relaunched_table_runs_only_unfinished_cells(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "results" / "reprolab" / "smoke.md").read_text()
+    _a_cell_that_cannot_start_does_not_stop_the_others(logs)
     assert "(2)" in md and "linear_probe" in md
 
 
@@ -66,3 +67,20 @@ def test_table_with_unknown_experiment_fails_before_launch(tmp_path: Path) -> No
     assert out.returncode != 0
     assert "zeroshot_shapes" in out.stderr + out.stdout  # the valid names are listed
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").rglob("metrics.json"))
+
+
+def _a_cell_that_cannot_start_does_not_stop_the_others(logs: Path) -> None:
+    """A cell whose run dir cannot be created (a file in its place) fails alone; the multirun
+    goes on and ends listing every failed cell, with exit status 1."""
+    import shutil
+
+    broken = logs / "reprolab.smoke.zeroshot.shapes" / "seed1"
+    shutil.rmtree(broken)
+    broken.write_text("not a directory\n")
+    redo = logs / "reprolab.smoke.linear_probe.shapes" / "seed2"
+    shutil.rmtree(redo)  # a cell after the broken one in the sweep order must still run
+    out = _launch(logs)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert (redo / "metrics.json").is_file()
+    tail = out.stderr[out.stderr.index("1 of 4 cells failed") :]
+    assert "reprolab.smoke.zeroshot.shapes seed 1:" in tail and "seed1" in tail

@@ -34,6 +34,9 @@ from reprolab.utils.run_record import FAILED_FILE, METRICS_FILE
 
 #: Directories under a log root that never hold run records (skipped for speed).
 SKIP_DIRS = {"checkpoints", "wandb", "csv", "tensorboard", "__pycache__"}
+#: Run dirs set aside by `on_config_change=replace` (`seed1.replaced-<fingerprint>`): runs of a
+#: config the cell no longer has, kept for reference and never counted.
+REPLACED_MARK = ".replaced-"
 
 CSV_COLUMNS = (
     "paper",
@@ -229,7 +232,11 @@ def collect_files(root: str | Path) -> list[RunRecord]:
         )
     records: list[RunRecord] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and d not in SKIP_DIRS and REPLACED_MARK not in d
+        )
         for fname in (METRICS_FILE, FAILED_FILE):
             if fname in filenames:
                 path = Path(dirpath) / fname

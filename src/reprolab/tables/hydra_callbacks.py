@@ -1,10 +1,12 @@
-"""Hydra callback: validate `table=<name>` in the launching process, before any job is submitted.
+"""Hydra callbacks of a multirun: validate a table before launch; list every failed cell at the end.
 
 Registered in `configs/hydra/default.yaml`:
 
     callbacks:
       validate_table:
         _target_: reprolab.tables.hydra_callbacks.ValidateTable
+      failed_cells:
+        _target_: reprolab.tables.hydra_callbacks.FailedCells
 
 `on_multirun_start` runs after the primary config is composed and before the sweeper expands
 `hydra.sweeper.params`, so a typo in a table (unknown experiment, sweep/table mismatch, a metric
@@ -16,6 +18,7 @@ that a method of the table does not log) fails once, locally, instead of in ever
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -62,3 +65,53 @@ class ValidateTable(Callback):  # type: ignore[misc]
         except TableConfigError as exc:
             sep = " " if len(exc.errors) == 1 else "\n"  # one problem: one line
             raise SystemExit(f"{exc}{sep}Nothing was launched.") from exc
+
+
+log = logging.getLogger("reprolab")
+
+
+def _one_line(exc: object, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = f"{type(exc).__name__}: {text}" if isinstance(exc, BaseException) else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class FailedCells(Callback):  # type: ignore[misc]
+    """A failed cell never stops a multirun; the multirun ends listing every failed cell.
+
+    Hydra's basic sweeper re-raises the first failed job's exception once its batch is done, which
+    hides every other failure and skips `on_multirun_end`. Each failed job is recorded here (its
+    run dir keeps `failed.json`, written by `reprolab.train.run`) and its return is marked as
+    handled, so the sweep goes on; `on_multirun_end` then prints one line per failed cell and
+    exits with status 1. Runs in the process that runs the jobs (the local launcher); under
+    SLURM each array task reports its own failure and `make aggregate` lists failed cells.
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.jobs = 0
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        self.jobs += 1
+        if job_return.status != JobStatus.FAILED:
+            return
+        exc = job_return._return_value
+        cell = OmegaConf.select(config, "cell", default="?")
+        seed = OmegaConf.select(config, "seed", default="?")
+        run_dir = OmegaConf.select(config, "paths.run_dir", default="?")
+        line = f"{cell} seed {seed}: {_one_line(exc)} ({run_dir})"
+        self.failed.append(line)
+        log.error("Cell failed, the multirun goes on: %s", line)
+        job_return.status = JobStatus.COMPLETED  # handled here: the sweeper must not re-raise
+        job_return._return_value = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.failed:
+            return
+        lines = "\n".join(f"  - {f}" for f in self.failed)
+        raise SystemExit(
+            f"{len(self.failed)} of {self.jobs} cells failed (failed.json in each run dir; "
+            f"relaunching the same command reruns only unfinished cells):\n{lines}"
+        )
