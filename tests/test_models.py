@@ -44,7 +44,7 @@ def _grads(bb: CLIPBackbone) -> dict[str, bool]:
 
 def test_unknown_trainable_mode_lists_choices() -> None:
     with pytest.raises(
-        ValueError, match=r"available: both, image, none, text \(did you mean 'image'"
+        ValueError, match=r"available: none, image, text, both \(did you mean 'image'"
     ):
         _clip("imag")
 
