@@ -26,8 +26,8 @@ def plot_table(result: TableResult, path: str | Path) -> Path:
     width = 0.8 / max(n_rows, 1)
     # Constrained layout makes room for the wrapped title, the tick labels and the outside legend,
     # so none of them is clipped or overlaps its neighbour.
-    fig_w = max(5.0, 2.2 + n_cols * max(0.35 * n_rows + 0.4, 1.3))
-    fig = Figure(figsize=(fig_w, 4.0), dpi=100, layout="constrained")
+    fig_w = max(5.0, 1.2 + n_cols * max(0.35 * n_rows + 0.4, 1.3))
+    fig = Figure(figsize=(fig_w, 4.4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     palette = [f"C{i % 10}" for i in range(n_rows)]
@@ -61,7 +61,13 @@ def plot_table(result: TableResult, path: str | Path) -> Path:
         handles.append(
             Line2D([], [], color="black", marker="_", markersize=12, mew=2, ls="", label="paper")
         )
-    fig.legend(handles=handles, fontsize=7, loc="outside right upper", frameon=False)
+    fig.legend(
+        handles=handles,
+        fontsize=7,
+        loc="outside lower center",  # below the axes: never under the title or the labels
+        ncols=min(len(handles), max(2, int(fig_w // 1.6))),
+        frameon=False,
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     path = Path(path)
