@@ -15,6 +15,21 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def run_experiment(tmp_path):
+    """`run_experiment(name, *overrides, seed=1)`: a table cell's metrics, run in-process (CSV
+    logger, one thread, records under the test's tmp dir)."""
+    from reprolab.train import run
+    from reprolab.utils.config import compose_train
+
+    def _run(experiment: str, *extra: str, seed: int = 1) -> dict:
+        overrides = [f"experiment={experiment}", f"seed={seed}", f"paths.log_dir={tmp_path}"]
+        overrides += ["logger=csv", "progress_bar=false", "threads=1", *extra]
+        return run(compose_train(overrides))["metrics"]
+
+    return _run
+
+
+@pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make any config run in seconds on the CPU."""
     return [

@@ -22,10 +22,8 @@ from reprolab.data.text import (
 from reprolab.methods.language.lm import CausalLM, UnigramLM, warmup_cosine
 from reprolab.metrics.likelihood import perplexity
 from reprolab.models.lm import TinyCausalLM
-from reprolab.train import run
 from reprolab.utils.config import (
     CONFIG_DIR,
-    compose_train,
     method_primary_metric,
     metric_is_logged,
 )
@@ -38,22 +36,9 @@ def dm() -> TokenDataModule:
     return TokenDataModule("pydoc_text", "pydoc_topics", seq_len=64, min_count=2, split_seed=0)
 
 
-def _run(experiment: str, tmp_path: Path, *extra: str, seed: int = 1) -> dict:
-    cfg = compose_train(
-        [
-            f"experiment={experiment}",
-            f"seed={seed}",
-            f"paths.log_dir={tmp_path}",
-            "logger=csv",
-            "progress_bar=false",
-            "threads=1",
-            *extra,
-        ]
-    )
-    return run(cfg)["metrics"]
-
-
-def test_trained_lm_beats_the_unigram_model_on_held_out_topics(tmp_path: Path, dm) -> None:
+def test_trained_lm_beats_the_unigram_model_on_held_out_topics(
+    run_experiment, dm, tmp_path: Path
+) -> None:
     """Test-split perplexity of the LM (pre-LN, TEST_STEPS steps) vs the add-one unigram model.
 
     Measured (CPU, seeds 1 / 2 / 3, 150 steps): 198.6 / 196.7 / 199.9 against the unigram's 461.0
@@ -62,8 +47,8 @@ def test_trained_lm_beats_the_unigram_model_on_held_out_topics(tmp_path: Path, d
     streams (numpy counts), which checks that the evaluation windows score every test target
     exactly once and padding never.
     """
-    unigram = _run("unigram_pydoc", tmp_path)
-    lm = _run("lm_layernorm_pydoc", tmp_path, f"trainer.max_steps={TEST_STEPS}")
+    unigram = run_experiment("unigram_pydoc")
+    lm = run_experiment("lm_layernorm_pydoc", f"trainer.max_steps={TEST_STEPS}")
     for m in (unigram, lm):
         assert m["test/perplexity"] == pytest.approx(math.exp(m["test/loss"]), rel=1e-5)
         assert m["test/bits_per_token"] == pytest.approx(m["test/loss"] / math.log(2), rel=1e-5)
@@ -263,3 +248,31 @@ def test_the_table_and_its_metric_are_declared() -> None:
         assert metric_is_logged(target, "test/test/bits_per_token")
         assert not metric_is_logged(target, "test/acc")
         assert method_primary_metric(target) == "test/perplexity"  # paper.metric: null
+
+
+def test_plain_command_runs_with_the_schedule_sized_to_the_run(tmp_path: Path) -> None:
+    """`python train.py model=tiny_lm data=pydoc_text method=lm` needs no experiment file: the
+    cosine's `total_steps: null` becomes the run's length (here 1 epoch of 89 steps; the warmup
+    shortened to fit in it)."""
+    from reprolab.train import run
+    from reprolab.utils.config import compose_train
+
+    cfg = compose_train(
+        [
+            "model=tiny_lm",
+            "data=pydoc_text",
+            "method=lm",
+            "trainer.max_epochs=1",
+            "method.scheduler.warmup_steps=10",
+            "threads=1",
+            "logger=csv",
+            "progress_bar=false",
+            f"paths.log_dir={tmp_path}",
+        ]
+    )
+    assert cfg.method.scheduler.total_steps is None
+    record = run(cfg)
+    assert record["paper"]["metric"] == "test/perplexity" and record["global_step"] == 89
+    (log,) = tmp_path.glob("*/seed1/csv/metrics.csv")
+    header = log.read_text().splitlines()[0].split(",")
+    assert "train/loss" in header

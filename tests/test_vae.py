@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,6 @@ from reprolab.data.tabular import (
 )
 from reprolab.methods.generative.vae import TabularVAE, column_log_likelihood, gaussian_kl
 from reprolab.models.vae import TabularVAENet
-from reprolab.train import run
-from reprolab.utils.config import compose_train
 
 COLUMNS = (
     Column("x", "continuous"),
@@ -30,21 +27,7 @@ COLUMNS = (
 )
 
 
-def _run(experiment: str, tmp_path: Path, seed: int = 1) -> dict:
-    cfg = compose_train(
-        [
-            f"experiment={experiment}",
-            f"seed={seed}",
-            f"paths.log_dir={tmp_path}",
-            "logger=csv",
-            "progress_bar=false",
-            "threads=1",
-        ]
-    )
-    return run(cfg)["metrics"]
-
-
-def test_trained_vae_beats_its_initialisation_on_held_out_rows(tmp_path: Path) -> None:
+def test_trained_vae_beats_its_initialisation_on_held_out_rows(run_experiment) -> None:
     """Held-out ELBO (nats per row) of the 40-epoch VAE vs the same network untrained.
 
     Measured (CPU, seeds 1 / 2 / 3): trained -5.275 / -5.271 / -5.281, untrained -6.395 / -6.392 /
@@ -53,8 +36,8 @@ def test_trained_vae_beats_its_initialisation_on_held_out_rows(tmp_path: Path) -
     log-likelihood (a bound on any model's held-out log-likelihood, up to sampling noise): an
     ELBO above it would mean a density bug (a missing normaliser, a wrong standardisation).
     """
-    trained = _run("vae_causal_table", tmp_path)
-    untrained = _run("vae_untrained_causal_table", tmp_path)
+    trained = run_experiment("vae_causal_table")
+    untrained = run_experiment("vae_untrained_causal_table")
     for m in (trained, untrained):
         assert m["test/elbo"] == pytest.approx(m["test/recon"] - m["test/kl"], abs=1e-4)
         assert m["test/elbo"] == m["test/test/elbo"] and "test/test_do_a1/elbo" in m

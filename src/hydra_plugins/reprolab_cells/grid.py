@@ -30,7 +30,6 @@ from __future__ import annotations
 
 # No dataclasses here: Hydra's plugin scanner executes every module of `hydra_plugins` before it is
 # in sys.modules, which @dataclass cannot handle.
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -161,16 +160,6 @@ class Grids:
         return OmegaConf.merge(out, body, {"paper": paper})
 
 
-def _fingerprint(cells_dir: Path) -> tuple:
-    out = []
-    for root, _, files in os.walk(cells_dir):
-        for f in files:
-            if f.endswith(".yaml"):
-                st = os.stat(os.path.join(root, f))
-                out.append((root, f, st.st_mtime_ns, st.st_size))
-    return tuple(sorted(out))
-
-
 _CACHE: dict[str, tuple[tuple, Grids]] = {}
 
 
@@ -178,7 +167,9 @@ def load(cells_dir: str | Path) -> Grids:
     """The grids under `cells_dir`, re-read only when one of its YAML files changed."""
     cells_dir = Path(cells_dir).resolve()
     key = str(cells_dir)
-    fp = _fingerprint(cells_dir)
+    from reprolab.utils.files import yaml_tree_stamp
+
+    fp = yaml_tree_stamp(cells_dir)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == fp:
         return hit[1]

@@ -21,6 +21,7 @@ ECE runs over that set's own classes (robust_finetuning.md §3.1-3.2).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -53,7 +54,8 @@ class Method(L.LightningModule):
         model: what `cfg.model` built (a backbone, a network), or None.
         info: the data module's task info (`reprolab.data.info`).
         optimizer: partial optimizer factory (`torch.optim.AdamW` with its kwargs).
-        scheduler: partial LR scheduler factory (stepped every optimizer step).
+        scheduler: partial LR scheduler factory (stepped every optimizer step); a factory with
+            `total_steps=None` gets the run's length (`trainer.estimated_stepping_batches`).
         post_hoc: nothing to train (`train=false` runs test only); read by `validate_config`.
         rounds: outer-loop rounds (active-learning acquisitions, sequential inference rounds); the
             runner fits once per round. Methods with rounds implement `start_round`.
@@ -194,7 +196,16 @@ class Method(L.LightningModule):
         opt = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return opt
-        sched = self.scheduler_factory(opt)
+        factory = self.scheduler_factory
+        if isinstance(factory, functools.partial) and (
+            "total_steps" in factory.keywords and factory.keywords["total_steps"] is None
+        ):
+            # `total_steps: null` in a scheduler config = the run's length, whatever sets it
+            # (trainer.max_steps, or epochs x batches per epoch).
+            factory = functools.partial(
+                factory, total_steps=int(self.trainer.estimated_stepping_batches)
+            )
+        sched = factory(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from reprolab.errors import ReprolabError
+from reprolab.utils.files import yaml_tree_stamp
 from reprolab.utils.naming import did_you_mean, unknown_name
 
 log = logging.getLogger(__name__)
@@ -173,17 +173,6 @@ def _load_experiment(
     return OmegaConf.merge(merged, own), method
 
 
-def _fingerprint(config_dir: Path) -> tuple:
-    """Every YAML file under `config_dir` with its mtime and size: a changed file, a new cell."""
-    out = []
-    for root, _, files in os.walk(config_dir):
-        for f in files:
-            if f.endswith(".yaml"):
-                st = os.stat(os.path.join(root, f))
-                out.append((root, f, st.st_mtime_ns, st.st_size))
-    return tuple(sorted(out))
-
-
 class _Experiments:
     """The experiments of one config dir, resolved as `python train.py experiment=<name>` does.
 
@@ -276,7 +265,7 @@ _EXPERIMENTS: dict[str, tuple[tuple, _Experiments]] = {}
 
 def _experiments(config_dir: Path) -> _Experiments:
     key = str(Path(config_dir).resolve())
-    fp = _fingerprint(Path(config_dir))
+    fp = yaml_tree_stamp(Path(config_dir))
     hit = _EXPERIMENTS.get(key)
     if hit is None or hit[0] != fp:
         hit = (fp, _Experiments(Path(config_dir)))

@@ -52,12 +52,12 @@ def warmup_cosine(
     `min_lr_ratio` times it at `total_steps` (stepped once per optimiser step).
 
     Torch's `LinearLR` and `CosineAnnealingLR` chained by `SequentialLR`; a partial factory in
-    `configs/method/lm.yaml`, where `total_steps` is `trainer.max_steps`.
+    `configs/method/lm.yaml`, where `total_steps: null` becomes the run's length (`Method`).
     """
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
             f"warmup_cosine needs 0 <= warmup_steps < total_steps (got {warmup_steps}, "
-            f"{total_steps}); set trainer.max_steps to the run's length."
+            f"{total_steps}); set trainer.max_steps or trainer.max_epochs to the run's length."
         )
     # eta_min is absolute in torch: the floor of the first (here the only) parameter group.
     eta_min = min_lr_ratio * optimizer.param_groups[0]["lr"]
