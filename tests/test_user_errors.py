@@ -158,6 +158,7 @@ def test_check_values_accepts_the_defaults_and_rejects_wrong_types() -> None:
         (["data.num_shots=2.5"], "data.num_shots"),
         (["method=bar", "method.budget=abc"], "method.budget"),
         (["skip_if_done=maybe"], "skip_if_done"),
+        (["on_config_change=keep"], "on_config_change"),
     ]:
         with pytest.raises(ConfigValueError, match=f"config key {key}"):
             check_values(compose_train(bad))

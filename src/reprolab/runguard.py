@@ -47,7 +47,6 @@ from reprolab.utils.run_record import (
 log = logging.getLogger("reprolab")
 
 LAST = "last.ckpt"
-ON_CONFIG_CHANGE = ("refuse", "replace")
 # A run continued with only these raised is the same run trained longer: it resumes (logged).
 EXTENDABLE_KEYS = ("trainer.max_epochs", "trainer.max_steps")
 

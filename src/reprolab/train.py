@@ -19,9 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reprolab.callbacks import Throughput
-from reprolab.errors import ConfigValueError
 from reprolab.runguard import (
-    ON_CONFIG_CHANGE,
     FiniteLoss,
     NoTrainingSteps,
     RunDirError,
@@ -32,6 +30,7 @@ from reprolab.runguard import (
     resolve_checkpoint,
     set_aside_checkpoints,
 )
+from reprolab.utils.checks import on_config_change_policy
 from reprolab.utils.config import validate_config
 from reprolab.utils.run_record import (
     FAILED_FILE,
@@ -158,16 +157,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()
 
 
-def _on_config_change(cfg: DictConfig) -> str:
-    policy = str(cfg.get("on_config_change") or "refuse")
-    if policy not in ON_CONFIG_CHANGE:
-        raise ConfigValueError(
-            f"on_config_change={policy!r} is not one of {', '.join(ON_CONFIG_CHANGE)} (config key "
-            "on_config_change); use on_config_change=refuse (default) or replace."
-        )
-    return policy
-
-
 def _run_locked(
     cfg: DictConfig,
     run_dir: Path,
@@ -176,7 +165,7 @@ def _run_locked(
     wandb_used: list[bool],
 ) -> dict[str, Any]:
     """`run` once the lock is held; `record` is filled in place (failed.json is written from it)."""
-    policy = _on_config_change(cfg)
+    policy = on_config_change_policy(cfg)  # also in check_values; run() is called from Python too
     validate_config(cfg)  # fills train and paper.metric: part of the fingerprint
     container = fingerprint_config(cfg)
     fingerprint = fingerprint_of(container)

@@ -17,6 +17,9 @@ from reprolab.errors import ConfigValueError, ReprolabError
 
 __all__ = ["ConfigValueError", "ReprolabError", "check_values"]
 
+#: What a run does when its run dir holds a run of another config (`reprolab.runguard`).
+ON_CONFIG_CHANGE = ("refuse", "replace")
+
 _MISSING = object()
 _NULLS = (None, "null", "none", "None")
 
@@ -113,6 +116,18 @@ def check_values(cfg: DictConfig) -> None:
     _bool(cfg, "train", nullable=True)
     _check_budget(cfg)
     _check_ckpt_path(cfg)
+    on_config_change_policy(cfg)
+
+
+def on_config_change_policy(cfg: DictConfig) -> str:
+    """`on_config_change` (default `refuse`), checked against `ON_CONFIG_CHANGE`."""
+    policy = str(cfg.get("on_config_change") or "refuse")
+    if policy not in ON_CONFIG_CHANGE:
+        raise ConfigValueError(
+            f"on_config_change={policy!r} is not one of {', '.join(ON_CONFIG_CHANGE)} (config key "
+            "on_config_change); use on_config_change=refuse (default) or replace."
+        )
+    return policy
 
 
 def _check_budget(cfg: DictConfig) -> None:
