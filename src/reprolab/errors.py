@@ -51,6 +51,12 @@ def exit_code_of(exc: BaseException) -> int | None:
     return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
+def single_line(text: str | None, limit: int) -> str:
+    """`text` on one line (chained messages often put the cause on line 2), cut at `limit`."""
+    line = " ".join((text or "").split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def one_line(exc: BaseException) -> str:
     """The message of `exc` (its class name when it has none)."""
     msg = str(exc).strip()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reprolab.errors import single_line
 from reprolab.tables.schema import TableSpec
 from reprolab.utils.run_record import FAILED_FILE, METRICS_FILE
 
@@ -457,12 +458,6 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def _one_line(s: str | None, limit: int = 200) -> str:
-    """The error on one line (chained messages often put the cause on line 2), truncated."""
-    line = " ".join((s or "").split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _signed(x: float | None, d: int) -> str:
     s = fmt(x, d)
     return s if not s or s.startswith("-") or float(s) == 0 else f"+{s}"
@@ -549,7 +544,7 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
         out += ["| cell | seed | error | record |", "|:--|--:|:--|:--|"]
         for c, s, rec in failed:
             out.append(
-                f"| `{c.cell}` | {s} | {_md_escape(_one_line(rec.error))} | `{_md_escape(rec.source)}` |"
+                f"| `{c.cell}` | {s} | {_md_escape(single_line(rec.error, 200))} | `{_md_escape(rec.source)}` |"
             )
     else:
         out.append("None.")

@@ -70,12 +70,6 @@ class ValidateTable(Callback):  # type: ignore[misc]
 log = logging.getLogger("reprolab")
 
 
-def _one_line(exc: object, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = f"{type(exc).__name__}: {text}" if isinstance(exc, BaseException) else text
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 class FailedCells(Callback):  # type: ignore[misc]
     """A failed cell never stops a multirun; the multirun ends listing every failed cell.
 
@@ -101,7 +95,10 @@ class FailedCells(Callback):  # type: ignore[misc]
         cell = OmegaConf.select(config, "cell", default="?")
         seed = OmegaConf.select(config, "seed", default="?")
         run_dir = OmegaConf.select(config, "paths.run_dir", default="?")
-        line = f"{cell} seed {seed}: {_one_line(exc)} ({run_dir})"
+        from reprolab.errors import one_line, single_line
+
+        error = single_line(f"{type(exc).__name__}: {one_line(exc)}", 300)
+        line = f"{cell} seed {seed}: {error} ({run_dir})"
         self.failed.append(line)
         log.error("Cell failed, the multirun goes on: %s", line)
         job_return.status = JobStatus.COMPLETED  # handled here: the sweeper must not re-raise
