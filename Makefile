@@ -5,6 +5,8 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 T       ?=
 D       ?=
 LAUNCHER ?= local
+# pytest-xdist processes for `make test`; each test uses one torch thread (tests/conftest.py)
+WORKERS ?= 2
 
 .PHONY: help install run test test-all lint format bench data table aggregate tables clean
 
@@ -22,11 +24,11 @@ install: $(VENV)  ## create .venv and install reprolab with dev extras
 run: $(VENV)  ## the embedded demo: tiny_clip on the synthetic shapes world, offline
 	$(OFFLINE) $(PY) train.py
 
-test: $(VENV)  ## fast tests (CPU, offline)
-	$(OFFLINE) $(PY) -m pytest -q
+test: $(VENV)  ## fast tests (CPU, offline), WORKERS processes (one thread each)
+	$(OFFLINE) $(PY) -m pytest -q -n $(WORKERS)
 
 test-all: $(VENV)  ## every test, slow ones included (data tests still need DATA_ROOT)
-	$(OFFLINE) $(PY) -m pytest -q -m "not gpu"
+	$(OFFLINE) $(PY) -m pytest -q -n $(WORKERS) -m "not gpu"
 
 lint: $(VENV)  ## ruff lint + format check
 	$(PY) -m ruff check src scripts tests train.py
