@@ -11,6 +11,18 @@ Optional cost columns (`table.extra_columns`, e.g. `[params/trainable,
 throughput/train_samples_per_s]`): per cell, the mean over its finished seeds of each key of the
 records' `metrics`; one csv column per key, and a "Cost" section in the .md (one rows × cols grid
 per key). A record without the key shows "—" (blank in the csv) and still counts for the metric.
+The costs are the run's: in a metric-column table every cell of a row holds the mean over the
+row's finished runs, and the "Cost" section is one rows × keys grid (one value per row and key).
+Values print as integers when whole (parameter counts), else with one decimal (three significant
+digits below 1); the .md adds "(k/n)" where only k of the n finished seeds' records have the key.
+
+Metric-column tables (`table.col_metrics`, see `reprolab.tables.schema`): a run is identified by
+its row (and the row's `paper.col`), one record per seed is chosen per row, and that record fills
+every column of the row, column `c` with key `col_metrics[c]` (times `col_scale[c]`). A finished
+record without some column's key counts as failed for that column only (a record with none of
+them is a failed run). The .md then counts, lists missing and failed runs, and checks configs per
+row (`TableResult.runs`), and prints each column's key; the csv keeps one line per (row, col) with
+that column's key in `metric`.
 
 Outputs are deterministic: sorted in the table's row/col order, fixed float formatting, no
 timestamps or absolute paths, so rebuilding from the same runs gives byte-identical files.
@@ -67,6 +79,8 @@ EXTRA_LABELS = {
     "throughput/train_samples_per_s": "Train samples/s",
     "throughput/test_samples_per_s": "Test samples/s",
     "throughput/queried_images_per_s": "Queried images/s",
+    "throughput/train_tokens_per_s": "Train tokens/s",
+    "throughput/test_tokens_per_s": "Test tokens/s",
 }
 MISSING = "—"  # an extra key no counted record of the cell has
 
@@ -149,16 +163,48 @@ class CellResult:
     @property
     def fingerprints(self) -> dict[str, list[int]]:
         """Config fingerprint -> the finished seeds that ran it (records without one left out)."""
-        out: dict[str, list[int]] = {}
-        for seed in sorted(self.records):
-            fp = self.records[seed].fingerprint
-            if fp is not None:
-                out.setdefault(fp, []).append(seed)
-        return out
+        return _fingerprints(self.records)
 
     @property
     def dirty_seeds(self) -> list[int]:
         return sorted(s for s, r in self.records.items() if r.dirty)
+
+
+def _fingerprints(records: dict[int, RunRecord]) -> dict[str, list[int]]:
+    """Config fingerprint -> the seeds whose record ran it (records without one left out)."""
+    out: dict[str, list[int]] = {}
+    for seed in sorted(records):
+        fp = records[seed].fingerprint
+        if fp is not None:
+            out.setdefault(fp, []).append(seed)
+    return out
+
+
+@dataclass
+class RunCell:
+    """The runs of one experiment of a table: the record chosen per seed (finished or failed).
+
+    In a single-metric table it backs one CellResult; in a metric-column table, a whole row.
+    """
+
+    row: str
+    col: str  # the runs' paper.col
+    cell: str
+    experiment: str
+    records: dict[int, RunRecord] = field(default_factory=dict)  # seed -> chosen record
+    missing: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> dict[int, RunRecord]:
+        return {s: r for s, r in sorted(self.records.items()) if r.status == "finished"}
+
+    @property
+    def failed(self) -> dict[int, RunRecord]:
+        return {s: r for s, r in sorted(self.records.items()) if r.status != "finished"}
+
+    @property
+    def fingerprints(self) -> dict[str, list[int]]:
+        return _fingerprints(self.finished)
 
 
 @dataclass
@@ -168,10 +214,19 @@ class TableResult:
     ignored: list[tuple[RunRecord, str]]  # (record, why) for records of this table not counted
     source: str  # "metrics.json files" or "W&B runs (entity/project)"
     extra_columns: list[str] = field(default_factory=list)  # `table.extra_columns`, in order
+    runs: list[RunCell] = field(default_factory=list)  # one per experiment, in display order
 
     @property
     def finished(self) -> list[RunRecord]:
-        return [r for c in self.cells for _, r in sorted(c.records.items())]
+        """Every counted finished record once (a metric-column row's record backs all its cells)."""
+        seen: set[int] = set()
+        out = []
+        for c in self.cells:
+            for _, r in sorted(c.records.items()):
+                if id(r) not in seen:
+                    seen.add(id(r))
+                    out.append(r)
+        return out
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -334,16 +389,22 @@ def _matches_table(rec: RunRecord, spec: TableSpec) -> bool:
     return bool(rec.cell) and rec.cell.startswith(f"{spec.paper}.{spec.id}.")
 
 
-def _cell_key(rec: RunRecord, spec: TableSpec, by_cell_id: dict[str, tuple[str, str]]):
+def _run_key(rec: RunRecord, by_cell_id: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(paper.row, paper.col) of a record: from its paper block, else from its cell id."""
     if rec.paper is not None and rec.paper.get("row") is not None:
         return (str(rec.paper.get("row")), str(rec.paper.get("col")))
     return by_cell_id.get(rec.cell or "")
 
 
-def _metric_value(rec: RunRecord, metric: str) -> tuple[float | None, str | None]:
+def _metric_value(
+    rec: RunRecord, metric: str, have: bool = True
+) -> tuple[float | None, str | None]:
+    """`(value, None)`, or `(None, why)`; `have`: the why lists the keys the record has."""
     if metric not in rec.metrics:
-        have = ", ".join(sorted(rec.metrics)) or "none"
-        return None, f"metric {metric!r} not in the record (has: {have})"
+        if not have:
+            return None, f"metric {metric!r} not in the record"
+        keys = ", ".join(sorted(rec.metrics)) or "none"
+        return None, f"metric {metric!r} not in the record (has: {keys})"
     value = rec.metrics[metric]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None, f"metric {metric!r} is {value!r}, not a finite number"
@@ -355,11 +416,14 @@ def _preference(rec: RunRecord) -> tuple[bool, str]:
     return (rec.status == "finished", rec.finished_at or "")
 
 
+def _as_failed(rec: RunRecord, error: str) -> RunRecord:
+    return RunRecord(**{**rec.__dict__, "status": "failed", "error": error})
+
+
 def aggregate(
     spec: TableSpec, records: list[RunRecord], source: str = "metrics.json files"
 ) -> TableResult:
-    """Match records to `spec`'s cells and seeds; one CellResult per (row, col)."""
-    by_cell_id = {spec.cell_id(r, c): (r, c) for r in spec.rows for c in spec.cols}
+    """Match records to `spec`'s runs and seeds; one CellResult per (row, col)."""
     cells = {
         (r, c): CellResult(
             row=r,
@@ -371,22 +435,40 @@ def aggregate(
         for r in spec.rows
         for c in spec.cols
     }
+    # Each run (row, paper.col) fills its cells, each with the key that cell reads: one cell in a
+    # single-metric table, the whole row in a metric-column one.
+    targets: dict[tuple[str, str], list[tuple[tuple[str, str], str]]] = {}
+    runs: dict[tuple[str, str], RunCell] = {}
+    for r in spec.rows:
+        for c in spec.cols:
+            exp = spec.cells.get((r, c))
+            if exp is None:
+                continue
+            key = (r, spec.run_col(r, c))
+            targets.setdefault(key, []).append(((r, c), spec.metric_of(c)))
+            if key not in runs:
+                runs[key] = RunCell(row=key[0], col=key[1], cell=spec.cell_id(r, c), experiment=exp)
+    by_cell_id = {run.cell: key for key, run in runs.items()}
+
     ignored: list[tuple[RunRecord, str]] = []
     chosen: dict[tuple[tuple[str, str], int], RunRecord] = {}
     for rec in sorted(records, key=lambda x: x.source):
         if not _matches_table(rec, spec):
             continue
-        key = _cell_key(rec, spec, by_cell_id)
-        if key is None or key not in spec.cells:
+        key = _run_key(rec, by_cell_id)
+        if key is None or key not in targets:
             ignored.append((rec, "not a cell of this table (no experiment for it in the table)"))
             continue
         if rec.seed is None or rec.seed not in spec.seeds:
             ignored.append((rec, f"seed {rec.seed} is not in table.seeds {spec.seeds}"))
             continue
         if rec.status == "finished":
-            _, err = _metric_value(rec, spec.metric)
-            if err is not None:
-                rec = RunRecord(**{**rec.__dict__, "status": "failed", "error": err})
+            errs = [e for _, m in targets[key] if (e := _metric_value(rec, m)[1]) is not None]
+            if len(errs) == 1 == len(targets[key]):
+                rec = _as_failed(rec, errs[0])
+            elif errs and len(errs) == len(targets[key]):
+                have = ", ".join(sorted(rec.metrics)) or "none"
+                rec = _as_failed(rec, f"no key of table.col_metrics in the record (has: {have})")
         slot = (key, rec.seed)
         other = chosen.get(slot)
         if other is None:
@@ -397,18 +479,50 @@ def aggregate(
         ignored.append((drop, f"superseded by {keep.source} ({keep.status})"))
 
     for (key, seed), rec in chosen.items():
-        cell = cells[key]
-        if rec.status == "finished":
-            cell.values[seed] = _metric_value(rec, spec.metric)[0]  # type: ignore[assignment]
+        runs[key].records[seed] = rec
+        for cell_key, metric in targets[key]:
+            cell = cells[cell_key]
+            if rec.status != "finished":
+                cell.failed[seed] = rec
+                continue
+            value, err = _metric_value(rec, metric)
+            if err is not None:  # a metric-column run without this column's key
+                cell.failed[seed] = _as_failed(rec, err)
+                continue
+            cell.values[seed] = value * spec.scale_of(cell.col)  # type: ignore[operator]
             cell.records[seed] = rec
-        else:
-            cell.failed[seed] = rec
     for cell in cells.values():
         if cell.experiment is not None:
             cell.missing = [s for s in spec.seeds if s not in cell.values and s not in cell.failed]
+    for key, run in runs.items():
+        run.missing = [s for s in spec.seeds if s not in run.records]
+        # Cost keys are the run's: each cell it backs gets them from every finished record of the
+        # run (in a single-metric table, exactly the cell's counted seeds).
+        extras = _extras(run.finished, spec.extra_columns)
+        for cell_key, _ in targets[key]:
+            cells[cell_key].extras = {k: dict(v) for k, v in extras.items()}
     ordered = [cells[(r, c)] for r in spec.rows for c in spec.cols]
     ignored.sort(key=lambda x: (x[0].source, x[1]))
-    return TableResult(spec=spec, cells=ordered, ignored=ignored, source=source)
+    return TableResult(
+        spec=spec,
+        cells=ordered,
+        ignored=ignored,
+        source=source,
+        extra_columns=list(spec.extra_columns),
+        runs=list(runs.values()),
+    )
+
+
+def _extras(records: dict[int, RunRecord], keys: list[str]) -> dict[str, dict[int, float]]:
+    """Extra key -> seed -> value over `records`; a record without the key (or with a value that
+    is not a finite number) is left out of that key only."""
+    out: dict[str, dict[int, float]] = {}
+    for key in keys:
+        for seed, rec in sorted(records.items()):
+            value, err = _metric_value(rec, key, have=False)
+            if err is None:
+                out.setdefault(key, {})[seed] = value  # type: ignore[assignment]
+    return out
 
 
 def fmt(x: float | None, decimals: int) -> str:
@@ -419,17 +533,32 @@ def fmt(x: float | None, decimals: int) -> str:
     return s[1:] if s.startswith("-") and float(s) == 0 else s
 
 
+def fmt_extra(x: float | None) -> str:
+    """A cost value: a whole number as an integer (parameter counts), else one decimal, or three
+    significant digits below 1; '' for None."""
+    if x is None:
+        return ""
+    if x == int(x):
+        return fmt(x, 0)
+    if abs(x) >= 1:
+        return fmt(x, 1)
+    return fmt(x, min(10, 2 - math.floor(math.log10(abs(x)))))
+
+
 def _seeds(seeds: list[int] | Any) -> str:
     return ";".join(str(s) for s in sorted(seeds))
 
 
 def to_csv(result: TableResult) -> str:
-    """Long format: one line per (row, col) in display order; columns `CSV_COLUMNS`."""
-    spec, d = result.spec, result.spec.decimals
+    """Long format: one line per (row, col) in display order; columns `CSV_COLUMNS` (`metric`:
+    the key that cell reads), then one per `table.extra_columns` key (blank: no counted record of
+    the cell has it)."""
+    spec = result.spec
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow([*CSV_COLUMNS, *result.extra_columns])
     for c in result.cells:
+        d = spec.decimals_of(c.col)
         w.writerow(
             [
                 spec.paper,
@@ -437,7 +566,7 @@ def to_csv(result: TableResult) -> str:
                 c.row,
                 c.col,
                 c.experiment or "",
-                spec.metric,
+                spec.metric_of(c.col),
                 c.status,
                 c.n,
                 fmt(c.mean, d),
@@ -449,6 +578,7 @@ def to_csv(result: TableResult) -> str:
                 _seeds(c.failed),
                 _seeds(c.dirty_seeds),
                 ";".join(c.commits),
+                *(fmt_extra(c.extra_mean(k)) for k in result.extra_columns),
             ]
         )
     return buf.getvalue()
@@ -481,47 +611,88 @@ def _seed_list(seeds: list[int]) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
 
 
-def to_markdown(result: TableResult, command: str | None = None) -> str:
-    """Readable rows × cols table plus the sections that say what is missing or suspect."""
-    spec, d = result.spec, result.spec.decimals
-    cells = {(c.row, c.col): c for c in result.cells}
-    out: list[str] = [f"# {spec.title}", ""]
-    src = f" Source: {spec.source}." if spec.source else ""
-    out.append(
-        f"Paper `{spec.paper}`, table `{spec.id}` (config `configs/table/{spec.name}.yaml`).{src}"
-    )
-    out.append("")
-    seeds = ", ".join(str(s) for s in spec.seeds)
-    out.append(
-        f"Metric `{spec.metric}`: mean ± sample std over seeds {{{seeds}}}, number of finished "
-        "seeds in parentheses, the paper's number in brackets. `·` = no experiment for this cell."
-    )
-    if spec.notes:
-        out += ["", spec.notes]
-    cmd = command or f"python scripts/aggregate.py {spec.name}"
-    out += ["", f"Generated from {result.source} by `{cmd}`; do not edit by hand.", ""]
-
+def _grid(spec: TableSpec, cells: dict[tuple[str, str], CellResult], text: Any) -> list[str]:
+    """A rows × cols markdown grid; `text(cell, decimals)` renders one cell."""
     header = [""] + [spec.label(c) for c in spec.cols]
-    out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+    out = ["| " + " | ".join(_md_escape(h) for h in header) + " |"]
     out.append("|:--" + "|--:" * len(spec.cols) + "|")
     for r in spec.rows:
-        row = [spec.label(r)] + [_cell_text(cells[(r, c)], d) for c in spec.cols]
+        row = [spec.label(r)] + [text(cells[(r, c)], spec.decimals_of(c)) for c in spec.cols]
         out.append("| " + " | ".join(_md_escape(x) for x in row) + " |")
+    return out
 
-    if any(c.delta is not None for c in result.cells):
-        out += ["", "Δ = ours − paper:", ""]
+
+def _column_keys(spec: TableSpec) -> str:
+    """`Label` = `key` (×scale) per column of a metric-column table, as one line."""
+    parts = []
+    for c in spec.cols:
+        scale = spec.scale_of(c)
+        times = "" if scale == 1.0 else f" ×{scale:g}"
+        parts.append(f"{spec.label(c)} = `{spec.metric_of(c)}`{times}")
+    return "Column keys (`table.col_metrics`): " + ", ".join(parts) + "."
+
+
+def _extra_label(spec: TableSpec, key: str) -> str:
+    return str(spec.labels.get(key) or EXTRA_LABELS.get(key, key))
+
+
+def _extra_text(c: CellResult, key: str, n: int) -> str:
+    """A cell's cost: the mean, "(k/n)" when only k of its n finished seeds have the key."""
+    if c.experiment is None:
+        return "·"
+    vals = c.extras.get(key) or {}
+    if not vals:
+        return MISSING
+    text = fmt_extra(c.extra_mean(key))
+    return text if len(vals) >= n else f"{text} ({len(vals)}/{n})"
+
+
+def _md_cost(result: TableResult) -> list[str]:
+    """The "Cost" section (`table.extra_columns`): one rows × cols grid per key, or in a
+    metric-column table one rows × keys grid (the costs of the run behind each row)."""
+    spec, keys = result.spec, result.extra_columns
+    if not keys:
+        return []
+    cells = {(c.row, c.col): c for c in result.cells}
+    out = ["", "## Cost", ""]
+    if spec.metric_columns:
+        out.append(
+            "Per row, the mean over its finished runs of each key of the run records "
+            f"(`table.extra_columns`). `{MISSING}` = no finished run of the row has the key; "
+            "(k/n) = only k of its n finished runs have it. `·` = no experiment for this row."
+        )
+        out += [""]
+        header = [""] + [f"{_extra_label(spec, k)} (`{k}`)" for k in keys]
         out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
-        out.append("|:--" + "|--:" * len(spec.cols) + "|")
+        out.append("|:--" + "|--:" * len(keys) + "|")
+        runs = {run.row: run for run in result.runs}
         for r in spec.rows:
-            row = [spec.label(r)] + [_signed(cells[(r, c)].delta, d) for c in spec.cols]
+            run = runs.get(r)
+            first = cells[(r, spec.cols[0])]  # every cell of a row holds its run's costs
+            n = len(run.finished) if run is not None else 0
+            row = [spec.label(r)] + [_extra_text(first, k, n) for k in keys]
             out.append("| " + " | ".join(_md_escape(x) for x in row) + " |")
+        return out
+    out.append(
+        "Per cell, the mean over its finished seeds of each key of the run records "
+        f"(`table.extra_columns`). `{MISSING}` = no finished seed of the cell has the key; (k/n) = "
+        "only k of its n finished seeds have it. `·` = no experiment for this cell."
+    )
+    for k in keys:
+        out += ["", f"{_extra_label(spec, k)} (`{k}`):", ""]
+        out += _grid(spec, cells, lambda c, _d, k=k: _extra_text(c, k, c.n))
+    return out
 
+
+def _md_cell_runs(result: TableResult) -> list[str]:
+    """Status, missing and failed runs of a single-metric table (one run cell per table cell)."""
+    spec = result.spec
     run_cells = [c for c in result.cells if c.experiment is not None]
     n_exp = len(run_cells) * len(spec.seeds)
     n_fin = sum(c.n for c in run_cells)
     n_fail = sum(len(c.failed) for c in run_cells)
     n_miss = sum(len(c.missing) for c in run_cells)
-    out += [
+    out = [
         "",
         "## Status",
         "",
@@ -548,6 +719,103 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
             )
     else:
         out.append("None.")
+    return out
+
+
+def _md_row_runs(result: TableResult) -> list[str]:
+    """Status, missing and failed runs of a metric-column table: one run per row and seed."""
+    spec = result.spec
+    cells = {(c.row, c.col): c for c in result.cells}
+    runs = result.runs
+    n_fin = sum(len(run.finished) for run in runs)
+    n_fail = sum(len(run.failed) for run in runs)
+    n_miss = sum(len(run.missing) for run in runs)
+    # Finished runs without the key of some column: failed for those columns only.
+    partial: list[tuple[RunCell, int, RunRecord, list[str]]] = []
+    for run in runs:
+        for seed, rec in run.finished.items():
+            cols = [c for c in spec.cols if seed in cells[(run.row, c)].failed]
+            if cols:
+                partial.append((run, seed, rec, cols))
+    status = (
+        f"{len(runs)} rows × {len(spec.seeds)} seeds = {len(runs) * len(spec.seeds)} runs: "
+        f"{n_fin} finished, {n_fail} failed, {n_miss} missing."
+    )
+    if partial:
+        status += (
+            f" {len(partial)} finished run{'s lack' if len(partial) != 1 else ' lacks'} the value "
+            "of some column (under Failed runs)."
+        )
+    out = ["", "## Status", "", status]
+
+    out += ["", "## Missing runs", ""]
+    missing = [run for run in runs if run.missing]
+    if missing:
+        for run in missing:
+            whole = " (whole row: no finished seed)" if not run.records else ""
+            out.append(f"- `{run.cell}` ({run.experiment}): {_seed_list(run.missing)}{whole}")
+    else:
+        out.append("None.")
+
+    out += ["", "## Failed runs", ""]
+    lines: list[tuple[RunCell, int, str, str, RunRecord]] = []
+    for run in runs:
+        for seed, rec in run.failed.items():
+            lines.append((run, seed, "all", single_line(rec.error, 200), rec))
+    for run, seed, rec, cols in partial:
+        whys = [_metric_value(rec, spec.metric_of(c), have=False)[1] or "" for c in cols]
+        lines.append(
+            (run, seed, ", ".join(cols), single_line("; ".join(dict.fromkeys(whys)), 400), rec)
+        )
+    if lines:
+        out += ["| run | seed | columns | error | record |", "|:--|--:|:--|:--|:--|"]
+        for run, seed, cols_text, error, rec in sorted(
+            lines, key=lambda x: (runs.index(x[0]), x[1])
+        ):
+            out.append(
+                f"| `{run.cell}` | {seed} | {_md_escape(cols_text)} | {_md_escape(error)} | "
+                f"`{_md_escape(rec.source)}` |"
+            )
+    else:
+        out.append("None.")
+    return out
+
+
+def to_markdown(result: TableResult, command: str | None = None) -> str:
+    """Readable rows × cols table plus the sections that say what is missing or suspect."""
+    spec = result.spec
+    cells = {(c.row, c.col): c for c in result.cells}
+    out: list[str] = [f"# {spec.title}", ""]
+    src = f" Source: {spec.source}." if spec.source else ""
+    out.append(
+        f"Paper `{spec.paper}`, table `{spec.id}` (config `configs/table/{spec.name}.yaml`).{src}"
+    )
+    out.append("")
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    if spec.metric_columns:
+        out.append(
+            "Each row is one experiment; its columns are metrics of the same runs: mean ± sample "
+            f"std over seeds {{{seeds}}}, number of finished seeds in parentheses, the paper's "
+            "number in brackets. `·` = no experiment for this row."
+        )
+        out += ["", _column_keys(spec)]
+    else:
+        out.append(
+            f"Metric `{spec.metric}`: mean ± sample std over seeds {{{seeds}}}, number of finished "
+            "seeds in parentheses, the paper's number in brackets. `·` = no experiment for this cell."
+        )
+    if spec.notes:
+        out += ["", spec.notes]
+    cmd = command or f"python scripts/aggregate.py {spec.name}"
+    out += ["", f"Generated from {result.source} by `{cmd}`; do not edit by hand.", ""]
+
+    out += _grid(spec, cells, _cell_text)
+    if any(c.delta is not None for c in result.cells):
+        out += ["", "Δ = ours − paper:", ""]
+        out += _grid(spec, cells, lambda c, d: _signed(c.delta, d))
+    out += _md_cost(result)
+
+    out += _md_row_runs(result) if spec.metric_columns else _md_cell_runs(result)
 
     out += ["", "## Commits", ""]
     finished = result.finished
@@ -571,18 +839,21 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
             out.append(f"- `{sha}`: {len(recs)} run{'s' if len(recs) != 1 else ''}{which}")
 
     out += ["", "## Configs", ""]
-    mixed = [c for c in result.cells if len(c.fingerprints) > 1]
+    what = "rows" if spec.metric_columns else "cells"
+    units = result.runs if spec.metric_columns else result.cells
+    mixed = [u for u in units if len(u.fingerprints) > 1]
     if mixed:
         out.append(
-            "**Mixed configs**: the seeds of these cells ran different resolved configs "
+            f"**Mixed configs**: the seeds of these {what} ran different resolved configs "
             "(fingerprint: seeds); their mean and std mix settings:"
         )
         out.append("")
-        for c in mixed:
-            fps = "; ".join(f"`{fp}`: {_seed_list(s)}" for fp, s in sorted(c.fingerprints.items()))
-            out.append(f"- `{c.cell}`: {fps}")
+        for u in mixed:
+            fps = "; ".join(f"`{fp}`: {_seed_list(s)}" for fp, s in sorted(u.fingerprints.items()))
+            out.append(f"- `{u.cell}`: {fps}")
     else:
-        out.append("Every cell's finished seeds share one config fingerprint (or predate them).")
+        one = "row" if spec.metric_columns else "cell"
+        out.append(f"Every {one}'s finished seeds share one config fingerprint (or predate them).")
 
     out += ["", "## Dirty trees", ""]
     dirty = [r for r in finished if r.dirty]

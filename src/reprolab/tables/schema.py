@@ -13,9 +13,31 @@ test tree of `experiment/` and `table/` files) is read file by file instead.
 The table's metric must be a key that the method of every experiment of the table declares it
 logs (`Method.metric_keys()`, read with `reprolab.utils.config.metric_is_logged`).
 
-Source of truth for the paper's numbers: the table's `reported` block. An experiment's
-`paper.reported` is informational; when both are given and disagree (or only the experiment has
-one) validation emits a warning and aggregation uses the table's value.
+Two kinds of table:
+
+- Single-metric (`table.metric`): a cell (row, col) is one experiment, matched by its `paper.row`
+  and `paper.col`; every cell reads the same key.
+- Metric columns (`table.col_metrics: {<col>: <metric key>}`, instead of `table.metric`): the
+  columns are different metrics of the SAME run (test sets, accuracy and ECE side by side). Each
+  row is one experiment, matched by its `paper.row`; its `paper.col` is the run's own column of
+  its grid (by convention the dataset it runs on, e.g. `imagenet`), not a table column, so the run
+  dir stays `${paper.id}.${paper.table}.${paper.row}.${paper.col}/seed<n>`. Column `c` of a row
+  reads key `col_metrics[c]` from that run's record. Every key must be logged by the method of
+  every experiment of the table.
+
+Either kind may set `col_decimals: {<col>: digits}` (default `decimals`) and `col_scale: {<col>:
+factor}` (the runs' values are multiplied by it before mean, std and Δ; `reported` is written in
+the table's printed units).
+
+Either kind may set `extra_columns: [<metric key>, ...]` (e.g. `[params/trainable,
+throughput/train_samples_per_s]`): cost keys of the run records that the aggregated table reports
+beside the metric (`reprolab.tables.aggregate`). Each must be a key that the method of at least one
+experiment of the table declares it logs; a record without it shows "—".
+
+Source of truth for the paper's numbers: the table's `reported` block (`{row: {col: number}}`,
+columns of the table in both kinds). An experiment's `paper.reported` is informational (a number;
+in a metric-column table a mapping `{col: number}`); when both are given and disagree (or only the
+experiment has one) validation emits a warning and aggregation uses the table's value.
 """
 
 from __future__ import annotations
@@ -23,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +64,13 @@ TABLE_KEYS_OPTIONAL: dict[str, Any] = {
     "title": None,  # defaults to the table name
     "source": None,  # where the numbers come from, e.g. "CVPR 2023, Table 2"
     "decimals": 1,  # digits after the point in .md/.csv
-    "reported": {},  # {row: {col: number | null}}
+    "reported": {},  # {row: {col: number | null} | null}
     "labels": {},  # optional display names {row_or_col_value: "Pretty name"} for .md/.png
     "notes": None,  # free text printed under the title in the .md
+    "col_metrics": {},  # {col: metric key}: the columns are metrics of one run per row
+    "col_decimals": {},  # {col: digits}, overriding `decimals` for that column
+    "col_scale": {},  # {col: factor} applied to the runs' values (e.g. 100: fraction -> percent)
+    "extra_columns": [],  # [metric key]: cost keys of the records (csv columns, a .md "Cost" section)
 }
 TABLE_KEYS = TABLE_KEYS_REQUIRED + tuple(TABLE_KEYS_OPTIONAL)
 
@@ -75,7 +102,7 @@ class ExperimentInfo:
     paper_id: str
     table_id: str
     metric: str | None
-    reported: float | None
+    reported: float | dict[str, float] | None  # a mapping {col: number}: a metric-column row
     seeds: list[int] | None
     path: Path | None  # configs/experiment/<name>.yaml; None for a cell a paper grid generates
     method: str | None = None  # method.name
@@ -84,14 +111,19 @@ class ExperimentInfo:
 
 @dataclass
 class TableSpec:
-    """A validated table config. Row/col order is display order."""
+    """A validated table config. Row/col order is display order.
+
+    In a metric-column table (`col_metrics` non-empty) `metric` is None, every (row, col) of a row
+    with an experiment is in `cells` (all pointing at that one experiment) and `row_cols` holds the
+    `paper.col` of each row's runs.
+    """
 
     name: str
     paper: str
     id: str
     title: str
     source: str | None
-    metric: str
+    metric: str | None
     decimals: int
     rows: list[str]
     cols: list[str]
@@ -103,21 +135,50 @@ class TableSpec:
     notes: str | None = None
     warnings: list[str] = field(default_factory=list)
     path: Path | None = None
+    col_metrics: dict[str, str] = field(default_factory=dict)  # col -> metric key of the row's run
+    row_cols: dict[str, str] = field(default_factory=dict)  # row -> paper.col of its runs
+    col_decimals: dict[str, int] = field(default_factory=dict)
+    col_scale: dict[str, float] = field(default_factory=dict)
+    extra_columns: list[str] = field(default_factory=list)  # cost keys of the records, in order
 
-    def cell_id(self, row: str, col: str) -> str:
+    @property
+    def metric_columns(self) -> bool:
+        """Whether the columns are metrics of one run per row (`table.col_metrics`)."""
+        return bool(self.col_metrics)
+
+    def run_col(self, row: str, col: str | None = None) -> str:
+        """The `paper.col` of the runs behind (row, col): the row's own in a metric-column table."""
+        if self.metric_columns:
+            return self.row_cols.get(row, "" if col is None else col)
+        if col is None:
+            raise ValueError(f"table {self.name}: a single-metric cell needs its column")
+        return col
+
+    def cell_id(self, row: str, col: str | None = None) -> str:
         """The run identity prefix `${paper.id}.${paper.table}.${paper.row}.${paper.col}`."""
-        return f"{self.paper}.{self.id}.{row}.{col}"
+        return f"{self.paper}.{self.id}.{row}.{self.run_col(row, col)}"
+
+    def metric_of(self, col: str) -> str:
+        """The metric key column `col` reads from a run record."""
+        return self.col_metrics[col] if self.metric_columns else str(self.metric)
+
+    def decimals_of(self, col: str) -> int:
+        return self.col_decimals.get(col, self.decimals)
+
+    def scale_of(self, col: str) -> float:
+        return self.col_scale.get(col, 1.0)
 
     def label(self, key: str) -> str:
         return str(self.labels.get(key, key))
 
     @property
     def n_cells(self) -> int:
-        return len(self.cells)
+        """Run cells: experiments with a place in the table (one per row with metric columns)."""
+        return len(set(self.cells.values()))
 
     @property
     def n_jobs(self) -> int:
-        return len(self.cells) * len(self.seeds)
+        return self.n_cells * len(self.seeds)
 
 
 def _choices(config_dir: Path, group: str) -> list[str]:
@@ -435,9 +496,18 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
                 f"Unknown key table.{key}; allowed: {', '.join(TABLE_KEYS)}"
                 f"{did_you_mean(str(key), TABLE_KEYS)}"
             )
+    metric_columns = t.get("col_metrics") not in (None, {})
     for key in TABLE_KEYS_REQUIRED:
+        if key == "metric" and metric_columns:
+            if t.get("metric") is not None:
+                errors.append(
+                    "table.metric and table.col_metrics exclude each other: the columns of a "
+                    "metric-column table read their keys from col_metrics; drop table.metric"
+                )
+            continue
         if t.get(key) in (None, "", []):
-            errors.append(f"table.{key} is required")
+            hint = " (or table.col_metrics: {col: metric key})" if key == "metric" else ""
+            errors.append(f"table.{key} is required{hint}")
     t = {**TABLE_KEYS_OPTIONAL, **t}
 
     if t.get("name") not in (None, name):
@@ -445,14 +515,25 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
     for key in ("paper", "id"):
         if t.get(key) is not None and not isinstance(t[key], str):
             errors.append(f"table.{key} must be a string, got {t[key]!r}")
-    metric = str(t.get("metric"))
+    metric = None if metric_columns else str(t.get("metric"))
     decimals = t.get("decimals")
-    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 10:
+    if not _is_decimals(decimals):
         errors.append(f"table.decimals must be an integer in 0..10, got {decimals!r}")
         decimals = 1
 
     rows = _as_str_list(t.get("rows"), "rows", errors) if t.get("rows") is not None else []
     cols = _as_str_list(t.get("cols"), "cols", errors) if t.get("cols") is not None else []
+    col_metrics = _col_map(t, "col_metrics", cols, _metric_key_error, errors)
+    if col_metrics and cols:
+        unread = [c for c in cols if c not in col_metrics]
+        if unread:
+            errors.append(
+                f"table.col_metrics has no metric key for col {', '.join(unread)}; every column "
+                "of a metric-column table reads one key of its row's run"
+            )
+    col_decimals = _col_map(t, "col_decimals", cols, _decimals_error, errors)
+    col_scale = _col_map(t, "col_scale", cols, _scale_error, errors)
+    extra_columns = _key_list(t, "extra_columns", errors)
     exps = (
         _as_str_list(t.get("experiments"), "experiments", errors)
         if t.get("experiments") is not None
@@ -469,6 +550,8 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         r = str(r)
         if rows and r not in rows:
             errors.append(f"table.reported: {unknown_name('row', r, rows)}")
+        if row_vals is None:  # the paper (or the spec) has no number for this row
+            continue
         if not isinstance(row_vals, dict):
             errors.append(f"table.reported.{r} must map col -> number, got {row_vals!r}")
             continue
@@ -491,6 +574,8 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
     experiments = _experiments(config_dir)
     valid_exps = experiments.names()
     cells: dict[tuple[str, str], str] = {}
+    row_cols: dict[str, str] = {}  # metric columns: row -> paper.col of its experiment
+    row_exps: dict[str, str] = {}
     infos: list[ExperimentInfo] = []
     for exp in exps:
         if exp not in valid_exps:
@@ -514,6 +599,24 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
             )
         if rows and info.row not in rows:
             errors.append(f"{where}: paper.row — {unknown_name('row', info.row, rows)}")
+        seeds_differ = info.seeds is not None and seeds and sorted(info.seeds) != sorted(seeds)
+        seeds_warning = f"{where}: paper.seeds={info.seeds} differs from table.seeds={seeds}"
+        if metric_columns:
+            # The row's run fills every column; its paper.col is the run's own (its dataset).
+            if info.row in row_exps:
+                errors.append(
+                    f"row {info.row} is produced by both {row_exps[info.row]} and {exp}; a "
+                    "metric-column table takes one experiment per row (its columns are metrics "
+                    "of that one run)"
+                )
+                continue
+            row_exps[info.row] = exp
+            row_cols[info.row] = info.col
+            cells.update({(info.row, c): exp for c in cols})
+            _check_row_reported(where, info, cols, reported, errors, warnings)
+            if seeds_differ:
+                warnings.append(seeds_warning)
+            continue
         if cols and info.col not in cols:
             errors.append(f"{where}: paper.col — {unknown_name('col', info.col, cols)}")
         key = (info.row, info.col)
@@ -529,16 +632,26 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
                 f"{where}: paper.metric is '{info.metric}' but the table aggregates '{metric}'"
             )
         table_rep = reported.get(key)
-        if info.reported is not None and table_rep != info.reported:
+        if isinstance(info.reported, dict):
+            errors.append(
+                f"{where}: paper.reported is a mapping {{col: number}}, which only a "
+                "metric-column table (table.col_metrics) reads; give one number or null"
+            )
+        elif info.reported is not None and table_rep != info.reported:
             warnings.append(
                 f"{where}: paper.reported={info.reported} but table.reported.{info.row}.{info.col}"
                 f"={table_rep}; the table's value is used"
             )
-        if info.seeds is not None and seeds and sorted(info.seeds) != sorted(seeds):
-            warnings.append(f"{where}: paper.seeds={info.seeds} differs from table.seeds={seeds}")
+        if seeds_differ:
+            warnings.append(seeds_warning)
 
-    if t.get("metric") is not None:
-        _check_metric(name, metric, infos, config_dir, errors, warnings)
+    if metric_columns:
+        if col_metrics:
+            _check_col_metrics(name, col_metrics, infos, config_dir, errors, warnings)
+    elif t.get("metric") is not None:
+        _check_metric(name, str(metric), infos, config_dir, errors, warnings)
+    if extra_columns:
+        _check_extra_columns(name, extra_columns, infos, config_dir, errors, warnings)
     _check_sweeper(cfg, exps, seeds, experiments, errors, warnings)
 
     if errors:
@@ -561,8 +674,116 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         notes=None if t.get("notes") is None else str(t["notes"]).strip(),
         warnings=warnings,
         path=path,
+        col_metrics=col_metrics,
+        row_cols=row_cols,
+        col_decimals={c: int(v) for c, v in col_decimals.items()},
+        col_scale={c: float(v) for c, v in col_scale.items()},
+        extra_columns=extra_columns,
     )
     return spec, errors, warnings, path
+
+
+def _is_decimals(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 10
+
+
+def _metric_key_error(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be a metric key (a string such as test/test/acc)"
+    if any(ch in value for ch in "*?["):
+        return "must be one metric key of the run record, not a pattern"
+    return None
+
+
+def _decimals_error(value: Any) -> str | None:
+    return None if _is_decimals(value) else "must be an integer in 0..10"
+
+
+def _scale_error(value: Any) -> str | None:
+    return None if _is_number(value) and value != 0 else "must be a non-zero number"
+
+
+def _key_list(t: dict[str, Any], key: str, errors: list[str]) -> list[str]:
+    """`table.<key>` as a list of distinct metric keys (absent or null: empty). Bad entries are
+    reported and left out; a duplicate is reported once and kept once."""
+    node = t.get(key)
+    if node is None:
+        return []
+    if not isinstance(node, list):
+        errors.append(
+            f"table.{key} must be a list of metric keys (e.g. [params/trainable, "
+            f"throughput/train_samples_per_s]), got {node!r}"
+        )
+        return []
+    out: list[str] = []
+    for i, v in enumerate(node):
+        problem = _metric_key_error(v)
+        if problem is not None:
+            errors.append(f"table.{key}[{i}] {problem}, got {v!r}")
+        elif v not in out:
+            out.append(v)
+    dups = [v for v in out if sum(1 for x in node if x == v) > 1]
+    if dups:
+        errors.append(f"table.{key} lists {', '.join(dups)} more than once")
+    return out
+
+
+def _col_map(
+    t: dict[str, Any],
+    key: str,
+    cols: list[str],
+    value_error: Callable[[Any], str | None],
+    errors: list[str],
+) -> dict[str, Any]:
+    """`table.<key>` as {col: value}: a mapping over the table's columns, each value checked by
+    `value_error(value) -> message or None`. Bad entries are reported and left out."""
+    node = t.get(key)
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        errors.append(f"table.{key} must map col -> value, got {node!r}")
+        return {}
+    out: dict[str, Any] = {}
+    for c, v in node.items():
+        c = str(c)
+        if cols and c not in cols:
+            errors.append(f"table.{key}: {unknown_name('col', c, cols)}")
+            continue
+        problem = value_error(v)
+        if problem is not None:
+            errors.append(f"table.{key}.{c} {problem}, got {v!r}")
+            continue
+        out[c] = v
+    return out
+
+
+def _check_row_reported(
+    where: str,
+    info: ExperimentInfo,
+    cols: list[str],
+    reported: dict[tuple[str, str], float],
+    errors: list[str],
+    warnings: list[str],
+) -> None:
+    """A metric-column row's `paper.reported` against the table's numbers for that row."""
+    if info.reported is None:
+        return
+    if not isinstance(info.reported, dict):
+        warnings.append(
+            f"{where}: paper.reported={info.reported} is not used: the columns of this table are "
+            f"metrics (col_metrics); the paper's numbers are table.reported.{info.row}.<col>"
+        )
+        return
+    for c, v in info.reported.items():
+        if cols and c not in cols:
+            errors.append(f"{where}: paper.reported — {unknown_name('col', c, cols)}")
+            continue
+        table_rep = reported.get((info.row, c))
+        if table_rep != v:
+            warnings.append(
+                f"{where}: paper.reported.{c}={v} but table.reported.{info.row}.{c}={table_rep}; "
+                "the table's value is used"
+            )
 
 
 def _paper_info(
@@ -587,8 +808,19 @@ def _paper_info(
         errors.append(f"experiment {exp}: paper.{', paper.'.join(missing)} missing")
         return None
     rep = paper.get("reported")
-    if rep is not None and not _is_number(rep):
-        errors.append(f"experiment {exp}: paper.reported must be a number or null, got {rep!r}")
+    if isinstance(rep, dict):  # a metric-column row: {col: number | null}
+        bad = {c: v for c, v in rep.items() if v is not None and not _is_number(v)}
+        if bad:
+            errors.append(
+                f"experiment {exp}: paper.reported.{next(iter(bad))} must be a number or null, "
+                f"got {next(iter(bad.values()))!r}"
+            )
+        rep = {str(c): float(v) for c, v in rep.items() if c not in bad and v is not None}
+    elif rep is not None and not _is_number(rep):
+        errors.append(
+            f"experiment {exp}: paper.reported must be a number, a mapping {{col: number}} (a row "
+            f"of a metric-column table) or null, got {rep!r}"
+        )
         rep = None
     seeds = paper.get("seeds")
     if seeds is not None:
@@ -600,11 +832,33 @@ def _paper_info(
         paper_id=str(paper["id"]),
         table_id=str(paper["table"]),
         metric=None if paper.get("metric") is None else str(paper["metric"]),
-        reported=None if rep is None else float(rep),
+        reported=rep if rep is None or isinstance(rep, dict) else float(rep),
         seeds=seeds,
         path=path,
         method=method,
         method_target=target,
+    )
+
+
+def _by_method(
+    infos: list[ExperimentInfo],
+) -> tuple[dict[tuple[str, str], list[str]], list[str]]:
+    """Experiments grouped by (method name, method class); those whose class is unknown apart."""
+    by_method: dict[tuple[str, str], list[str]] = {}
+    unchecked: list[str] = []
+    for info in infos:
+        if info.method_target is None:
+            unchecked.append(info.name)
+        else:
+            by_method.setdefault((str(info.method), info.method_target), []).append(info.name)
+    return by_method, unchecked
+
+
+def _unreadable(method: str, exps: list[str], target: str, exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (
+        f"method={method} of {', '.join(exps)}: cannot read the metric keys {target} "
+        f"declares ({type(exc).__name__}: {' '.join(lines[:2])})"
     )
 
 
@@ -623,13 +877,7 @@ def _check_metric(
     """
     from reprolab.utils.config import method_metric_keys, metric_is_logged
 
-    by_method: dict[tuple[str, str], list[str]] = {}
-    unchecked: list[str] = []
-    for info in infos:
-        if info.method_target is None:
-            unchecked.append(info.name)
-        else:
-            by_method.setdefault((str(info.method), info.method_target), []).append(info.name)
+    by_method, unchecked = _by_method(infos)
     missing = []
     for (method, target), exps in by_method.items():
         try:
@@ -639,11 +887,7 @@ def _check_metric(
                 f"method={method} ({', '.join(exps)}) logs {', '.join(method_metric_keys(target))}"
             )
         except Exception as exc:  # noqa: BLE001 - an unimportable or foreign class is a config error
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            errors.append(
-                f"method={method} of {', '.join(exps)}: cannot read the metric keys {target} "
-                f"declares ({type(exc).__name__}: {' '.join(lines[:2])})"
-            )
+            errors.append(_unreadable(method, exps, target, exc))
     if missing:
         errors.append(
             f"table {table}: metric '{metric}' is not a key every method of the table logs; "
@@ -653,6 +897,88 @@ def _check_metric(
         warnings.append(
             f"table.metric '{metric}' not checked for {', '.join(unchecked)}: their method "
             f"configs are not under {config_dir}/method"
+        )
+
+
+def _check_col_metrics(
+    table: str,
+    col_metrics: dict[str, str],
+    infos: list[ExperimentInfo],
+    config_dir: Path,
+    errors: list[str],
+    warnings: list[str],
+) -> None:
+    """Every column's key must be one the method of every experiment declares it logs.
+
+    One error line for the table: per method that misses keys, its experiments, the columns
+    (with their keys) it does not log, and the keys it does log.
+    """
+    from reprolab.utils.config import method_metric_keys, metric_is_logged
+
+    by_method, unchecked = _by_method(infos)
+    missing = []
+    for (method, target), exps in by_method.items():
+        try:
+            lacking = [
+                f"{col} ({key})"
+                for col, key in col_metrics.items()
+                if not metric_is_logged(target, key)
+            ]
+            if not lacking:
+                continue
+            missing.append(
+                f"method={method} ({', '.join(exps)}) does not log col {', '.join(lacking)}; "
+                f"it logs {', '.join(method_metric_keys(target))}"
+            )
+        except Exception as exc:  # noqa: BLE001 - an unimportable or foreign class is a config error
+            errors.append(_unreadable(method, exps, target, exc))
+    if missing:
+        errors.append(
+            f"table {table}: a col_metrics key is not logged by every method of the table; "
+            + "; ".join(missing)
+        )
+    if unchecked:
+        warnings.append(
+            f"table.col_metrics not checked for {', '.join(unchecked)}: their method configs are "
+            f"not under {config_dir}/method"
+        )
+
+
+def _check_extra_columns(
+    table: str,
+    keys: list[str],
+    infos: list[ExperimentInfo],
+    config_dir: Path,
+    errors: list[str],
+    warnings: list[str],
+) -> None:
+    """Every extra key must be one that the method of at least one experiment declares it logs
+    (the records of the others show "—"): one error line for the table, naming the methods' keys.
+    """
+    from reprolab.utils.config import method_metric_keys, metric_is_logged
+
+    by_method, unchecked = _by_method(infos)
+    logged = {k: False for k in keys}
+    declared: list[str] = []
+    unreadable = False
+    for method, target in by_method:
+        try:
+            for k in keys:
+                logged[k] = logged[k] or metric_is_logged(target, k)
+            declared.append(f"method={method} logs {', '.join(method_metric_keys(target))}")
+        except Exception:  # noqa: BLE001 - reported once, by the metric check of the same class
+            unreadable = True
+    unlogged = [k for k in keys if not logged[k]]
+    if unlogged and by_method and not unchecked and not unreadable:
+        errors.append(
+            f"table {table}: table.extra_columns {', '.join(repr(k) for k in unlogged)} "
+            f"{'is not a key' if len(unlogged) == 1 else 'are not keys'} any method of the table "
+            "logs; " + "; ".join(declared)
+        )
+    elif unchecked:
+        warnings.append(
+            f"table.extra_columns not checked for {', '.join(unchecked)}: their method configs "
+            f"are not under {config_dir}/method"
         )
 
 
