@@ -172,3 +172,43 @@ def test_zeroshot_head_matches_direct_computation() -> None:
     feats = F.normalize(bb.model.encode_image(images), dim=-1)
     assert torch.allclose(bb.logits(images, head), bb.logit_scale * feats @ expected.t(), atol=1e-5)
     assert bb.zeroshot_weights(classes, templates) is head  # cached, text encoded once
+
+
+def _np_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, n_bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            total += inside.mean() * abs(
+                (pred[inside] == labels[inside]).mean() - conf[inside].mean()
+            )
+    return total
+
+
+def test_batch_averaged_ece_is_the_size_weighted_mean_of_per_batch_ece() -> None:
+    from reprolab.metrics.calibration import BatchAveragedECE
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(3 * torch.randn(50, 4, generator=g), -1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    metric = BatchAveragedECE(n_bins=10)
+    expected, p, y = 0.0, probs.numpy(), labels.numpy()
+    for lo in range(0, 50, 16):  # batches of 16, 16, 16, 2: the last partial batch counts by size
+        metric.update(probs[lo : lo + 16], labels[lo : lo + 16])
+        expected += len(y[lo : lo + 16]) * _np_ece(p[lo : lo + 16], y[lo : lo + 16], 10)
+    assert float(metric.compute()) == pytest.approx(expected / 50, abs=1e-6)
+    assert float(metric.compute()) != pytest.approx(_np_ece(p, y, 10), abs=1e-4)  # not global
+
+
+def test_smallest_singular_value_matches_numpy_on_standardised_features() -> None:
+    from reprolab.metrics.features import smallest_singular_value
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0])
+    x[:, 4] = x[:, 0] + 0.05 * x[:, 4]  # nearly collinear: a small singular value
+    z = (x.double().numpy() - x.double().numpy().mean(0)) / x.double().numpy().std(0, ddof=1)
+    expected = np.linalg.svd(z.T @ z / 199, compute_uv=False).min()
+    assert smallest_singular_value(x) == pytest.approx(expected, rel=1e-6)
+    assert smallest_singular_value(x) == pytest.approx(smallest_singular_value(1000 * x), rel=1e-5)
