@@ -232,13 +232,17 @@ def _run_locked(
     return record
 
 
-def _trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
+def _trainer(
+    cfg: DictConfig, loggers: list, callbacks: list, overrides: dict[str, Any] | None = None
+) -> L.Trainer:
+    """`cfg.trainer` with the run's loggers and callbacks; `overrides` (a round's) win over it."""
     return hydra.utils.instantiate(
         cfg.trainer,
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(cfg.paths.run_dir),
         enable_progress_bar=_interactive() and cfg.get("progress_bar", True),
+        **(overrides or {}),
     )
 
 
@@ -313,7 +317,9 @@ def _fit_and_test(
         ckpt_dir = run_dir / "checkpoints" / f"round{r}"
         method.start_round(r, datamodule)
         callbacks = [*_build_callbacks(cfg, ckpt_dir), throughput, *restore]
-        trainer = _trainer(cfg, loggers, [*callbacks, *_guards(guard, ckpt_dir)])
+        trainer = _trainer(
+            cfg, loggers, [*callbacks, *_guards(guard, ckpt_dir)], method.round_trainer_overrides(r)
+        )
         restore = []
         if cfg.train:
             ckpt = resolve_ckpt_path(cfg, ckpt_dir) if not fresh else None

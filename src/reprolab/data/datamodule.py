@@ -44,7 +44,10 @@ class EpochSeededSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        # Chunked: ImageNet's caption pairs are 102.5 M indices (0.8 GB as int64; a list of Python
+        # ints would be ~4 GB). The permutation is the same as one `tolist()` of it.
+        for chunk in torch.randperm(self.n, generator=g).split(1 << 16):
+            yield from chunk.tolist()
 
 
 class _Transformed(Dataset):
@@ -61,18 +64,42 @@ class _Transformed(Dataset):
         return item
 
 
+class _CaptionPairs(Dataset):
+    """The (image, template) product of a train split: item k is image k // T with template k % T.
+
+    FLYP / CaRot train on one (image, caption) pair per row of a table that pairs every train image
+    with every template (1.28 M x 80 rows for ImageNet; robust_finetuning.md §2.5, §5). The table is
+    never written: an item carries `template` (an index) and the method formats the caption from
+    its class name. A shuffled pass over this product is the released loader's distribution.
+    """
+
+    def __init__(self, images: Dataset, num_templates: int) -> None:
+        self.images, self.num_templates = images, int(num_templates)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.num_templates
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        item = self.images[k // self.num_templates]
+        item["template"] = k % self.num_templates
+        return item
+
+
 class ClassificationDataModule(TaskDataModule):
     """Train (k-shot) / val / test sets of one dataset spec, with the method's input transforms.
 
     The spec is checked at construction so a missing dataset fails before any model is built.
     `info` is an `ImageClassificationInfo`; the method's `preprocess` requirement arrives through
-    `configure(preprocess=...)` (or `set_preprocess`) before the loaders are used.
+    `configure(preprocess=...)` (or `set_preprocess`) before the loaders are used. A contrastive
+    fine-tuning method asks for `caption_pairs=True`: the train loader then runs over every
+    (train image, template) pair, each item with its `template` index (`_CaptionPairs`), and
+    `steps_per_epoch` (the trainer's `limit_train_batches`) sets what an epoch is.
 
     `test_index_groups[name]` is None for a test set labelled in the training label space, else the
     list, per class of that set, of the training-class indices it covers (`project_logits`).
     """
 
-    accepts = ("preprocess",)
+    accepts = ("preprocess", "caption_pairs")
 
     def __init__(
         self,
@@ -114,6 +141,7 @@ class ClassificationDataModule(TaskDataModule):
             n: groups.get(n) for n in self.test_sets
         }
         self.preprocess: Preprocess | None = None
+        self.caption_pairs = False
         self._splits: dict[str, Dataset] = {}
         self._shots_checked = False
 
@@ -154,6 +182,12 @@ class ClassificationDataModule(TaskDataModule):
         self.preprocess = preprocess
         self._splits.clear()
 
+    def set_caption_pairs(self, on: bool) -> None:
+        if on and not self.templates:
+            raise ValueError(f"data={self.name} has no templates to pair the train images with.")
+        self.caption_pairs = bool(on)
+        self._splits.clear()
+
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is None:
             raise RuntimeError(
@@ -169,6 +203,8 @@ class ClassificationDataModule(TaskDataModule):
         self._splits["train"] = _Transformed(
             parts["train"], build_transforms(self.preprocess, True, self.train_augment)
         )
+        if self.caption_pairs:
+            self._splits["train"] = _CaptionPairs(self._splits["train"], len(self.templates))
         test_tf = build_transforms(self.preprocess, False, False)
         if self.use_val:
             val = parts["val"] if real else self.spec.load(self.root, "val")

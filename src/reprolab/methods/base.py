@@ -33,6 +33,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from reprolab.data.info import ImageClassificationInfo, TaskInfo, TaskInfoError, TestSet
+from reprolab.metrics.calibration import BatchAveragedECE
 from reprolab.metrics.classification import BrierScore, NegativeLogLikelihood
 from reprolab.metrics.group import GroupAccuracy
 from reprolab.metrics.ood import ScoreCollector, ood_metrics
@@ -184,6 +185,10 @@ class Method(L.LightningModule):
     def load_round_state(self, state: dict[str, Any], datamodule: L.LightningDataModule) -> None:
         """Restore `round_state()` when a killed run resumes after a finished round."""
 
+    def round_trainer_overrides(self, round_idx: int) -> dict[str, Any]:
+        """Trainer arguments of round `round_idx` that differ from `cfg.trainer` (LP-FT's LP epochs)."""
+        return {}
+
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -231,10 +236,13 @@ class ClassificationMethod(Method):
 
     Subclasses implement `logits(images) -> (B, C)`; trainable ones add `training_step` and either
     pass an `optimizer` factory or override `configure_optimizers`. The model (a backbone) is kept
-    as `self.backbone` and frozen unless the class sets `train_backbone = True`.
+    as `self.backbone` and frozen unless the class sets `train_backbone = True`; then the backbone's
+    own `trainable` setting says which parts train (`CLIPBackbone(trainable="image")`).
 
     Args:
         ece_bins: equal-width confidence bins for ECE (15; robust fine-tuning tables use 10).
+        ece_batch: also log `ece_batch`, the batch-averaged ECE the CaRot code reports
+            (robust_finetuning.md §3.2 Variant A; it depends on the eval batch size and order).
         ood_score: post-hoc OOD score of `ood` test sets (`msp`, `max_logit`, `energy`), used
             unless the subclass overrides `ood_scores`.
         **kwargs: see `Method`.
@@ -251,6 +259,7 @@ class ClassificationMethod(Method):
         model: nn.Module | None = None,
         info: ImageClassificationInfo | None = None,
         ece_bins: int = 15,
+        ece_batch: bool = False,
         ood_score: str = "msp",
         **kwargs: Any,
     ) -> None:
@@ -262,9 +271,7 @@ class ClassificationMethod(Method):
         info = self.info
         if model is not None:  # black-box methods pass None and keep only a query oracle
             self.backbone = model
-            if self.train_backbone:
-                model.requires_grad_(True)
-            else:
+            if not self.train_backbone:
                 self.freeze("backbone")
         self.classnames = list(info.classnames)
         self.templates = list(info.templates)
@@ -287,6 +294,8 @@ class ClassificationMethod(Method):
                 "nll": NegativeLogLikelihood(),
                 "brier": BrierScore(),
             }
+            if ece_batch:
+                metrics["ece_batch"] = BatchAveragedECE(n_bins=ece_bins)
             if num_groups:
                 metrics["group"] = GroupAccuracy(num_groups)
             return MetricCollection(metrics)
@@ -300,7 +309,7 @@ class ClassificationMethod(Method):
 
     @classmethod
     def metric_keys(cls) -> tuple[str, ...]:
-        cls_keys = ("acc", "ece", "nll", "brier", "worst_group_acc", "avg_group_acc")
+        cls_keys = ("acc", "ece", "ece_batch", "nll", "brier", "worst_group_acc", "avg_group_acc")
         ood_keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
         return (
             *super().metric_keys(),
@@ -339,8 +348,10 @@ class ClassificationMethod(Method):
         batch: dict[str, Tensor],
         index_groups: list[list[int]] | None = None,
         collect_scores: bool = False,
+        raw: Tensor | None = None,
     ) -> None:
-        raw = self.eval_logits(batch["image"]).float()
+        """Update `metrics` with a batch; `raw` = logits already computed for it (else computed)."""
+        raw = (self.eval_logits(batch["image"]) if raw is None else raw).float()
         if collect_scores:
             self.id_scores.update(self.ood_scores(raw, batch["image"]))
         logits = project_logits(raw, index_groups)
@@ -348,7 +359,7 @@ class ClassificationMethod(Method):
         for key, metric in metrics.items():
             if key == "group":
                 metric.update(logits.argmax(-1), labels, batch["group"])
-            elif key == "ece":
+            elif key in ("ece", "ece_batch"):
                 metric.update(logits.softmax(-1), labels)
             else:
                 metric.update(logits, labels)
@@ -390,7 +401,28 @@ class ClassificationMethod(Method):
                 out.update({k.replace(f"test/{spec.name}/", "test/"): v for k, v in values.items()})
             metrics.reset()
         self.id_scores.reset()
+        out.update(shift_average(out, [t.name for t in self.test_specs if t.role == "shift"]))
         self.log_dict(out, add_dataloader_idx=False)
+
+
+SHIFT_AVERAGE = "avg_shift"  # `test/avg_shift/<key>`: unweighted mean over the `shift` test sets
+
+
+def shift_average(values: dict[str, float], shift_sets: list[str]) -> dict[str, float]:
+    """`test/avg_shift/<key>` = unweighted mean of `test/<set>/<key>` over the shift sets.
+
+    The robust fine-tuning tables' "avg OOD" (robust_finetuning.md §3.1; computed here, never taken
+    from a logged average: pitfall P2). Keys some shift set lacks are left out.
+    """
+    if not shift_sets:
+        return {}
+    keys = {k.split("/")[-1] for k in values if k.startswith(f"test/{shift_sets[0]}/")}
+    out = {}
+    for key in sorted(keys):
+        vals = [values.get(f"test/{s}/{key}") for s in shift_sets]
+        if all(v is not None for v in vals):
+            out[f"test/{SHIFT_AVERAGE}/{key}"] = float(sum(vals) / len(vals))
+    return out
 
 
 def _index_groups(test_sets: Iterable[TestSet], num_classes: int) -> list[list[list[int]] | None]:

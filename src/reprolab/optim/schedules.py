@@ -1,4 +1,4 @@
-"""Step-size schedules of the zeroth-order optimisers used by the black-box prompting baselines.
+"""Step-size schedules: the zeroth-order optimisers' gains and the robust fine-tuning `cosine_lr`.
 
 Reproduces the gain sequences of BlackVIP (Oh et al., "BlackVIP: Black-Box Visual Prompting for Robust
 Transfer Learning", CVPR 2023, arXiv 2303.14773) as released in `changdaeoh/BlackVIP`:
@@ -9,6 +9,12 @@ Transfer Learning", CVPR 2023, arXiv 2303.14773) as released in `changdaeoh/Blac
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def spsa_gains(
@@ -58,3 +64,40 @@ def poly_decay_lr(
     decay_steps = decay_frac * total_steps
     t_eff = min(float(t), decay_steps)
     return (lr0 - lr_min) * (1.0 - t_eff / decay_steps) ** power + lr_min
+
+
+def cosine_lr(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr: float = 0.0,
+) -> LambdaLR:
+    """FLYP / WiSE-FT / CaRot's `cosine_lr`, stepped every optimiser step (robust_finetuning.md §1.5).
+
+    lr(s) = base · (s + 1) / W for s < W, then ½ (1 + cos(π (s − W) / (T − W))) · base + min_lr.
+    As in the released code `min_lr` is added (the peak is base + min_lr; 0 in every recipe). A
+    partial factory in `configs/method/{ft,flyp,carot}.yaml`; `total_steps: null` becomes the run's
+    length (`reprolab.methods.base.Method.configure_optimizers`).
+    """
+    if not 0 <= warmup_steps < total_steps:
+        from reprolab.errors import ConfigValueError
+
+        raise ConfigValueError(
+            f"cosine_lr needs 0 <= warmup_steps < total_steps (got {warmup_steps}, {total_steps}); "
+            "lower method.scheduler.warmup_steps or lengthen the run."
+        )
+    bases = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(i: int) -> Callable[[int], float]:
+        base = bases[i]
+
+        def f(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            e = step - warmup_steps
+            cos = 0.5 * (1 + math.cos(math.pi * e / (total_steps - warmup_steps)))
+            return cos + (min_lr / base if base else 0.0)
+
+        return f
+
+    return LambdaLR(optimizer, [factor(i) for i in range(len(bases))])

@@ -154,10 +154,27 @@ class ImageNetSpec(LocalSpec):
         return out
 
     def check(self, root: Path | str) -> None:
-        """ImageNet, then every shift set (so a missing one fails before any model is built)."""
-        super().check(root)
-        for spec in self._shift_specs.values():
-            spec.check(root)
+        """ImageNet and every shift set; whatever is missing fails at once, in one line naming the
+        `prepare_data.py` command for all of them (not one failed run per missing set)."""
+        from reprolab.data.spec import DataNotFoundError
+
+        missing: list[tuple[str, DataNotFoundError]] = []
+        for name, check in [("imagenet", super().check)] + [
+            (n, spec.check) for n, spec in self._shift_specs.items()
+        ]:
+            try:
+                check(root)
+            except DataNotFoundError as e:
+                missing.append((name, e))
+        if len(missing) == 1:
+            raise missing[0][1]
+        if missing:
+            names = [n for n, _ in missing]
+            raise DataNotFoundError(
+                f"{len(missing)} datasets of data=imagenet are not ready under {root}: "
+                f"{', '.join(names)} (first: {missing[0][1]}). Prepare them with "
+                f"`python scripts/prepare_data.py {' '.join(names)}` (set DATA_ROOT to the data root)."
+            )
 
     def prepare(self, root: Path | str) -> None:
         """ImageNet, then each shift set (a missing shift set must not re-run ImageNet's steps)."""
