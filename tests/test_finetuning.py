@@ -373,3 +373,18 @@ def test_carot_trains_every_term_and_evaluates_with_its_own_text_head(tmp_path: 
     for key in ("train/mcl", "train/oc", "train/cf", "train/sd", "train/ema_momentum"):
         assert key in csv, (key, record_dir)
     assert record["metrics"]["params/trainable"] == record["metrics"]["params/total"]
+
+
+def test_finetune_augment_is_a_mild_random_crop_without_flip() -> None:
+    from PIL import Image
+
+    from reprolab.data.transforms import Preprocess, build_transforms
+
+    pre = Preprocess(16, (0.5,) * 3, (0.5,) * 3)
+    tf = build_transforms(pre, True, "finetune")
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names[0] == "RandomResizedCrop" and "RandomHorizontalFlip" not in names
+    assert tuple(tf.transforms[0].scale) == (0.9, 1.0)
+    assert tf(Image.new("RGB", (40, 30))).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="train_augment"):
+        build_transforms(pre, True, "flip")

@@ -109,7 +109,7 @@ class ClassificationDataModule(TaskDataModule):
         dataset_kwargs: dict | None = None,
         num_shots: int | None = 16,
         fewshot_seed: int = 1,
-        train_augment: bool = True,
+        train_augment: bool | str = True,
         batch_size: int = 32,
         eval_batch_size: int = 100,
         num_workers: int = 0,

@@ -28,11 +28,27 @@ _INTERP = {
 }
 
 
-def build_transforms(pre: Preprocess, train: bool, augment: bool) -> T.Compose:
-    """CLIP/CoOp transforms: train RandomResizedCrop(0.08-1)+flip, test resize+centre crop."""
+AUGMENTS = ("coop", "finetune", "none")
+
+
+def build_transforms(pre: Preprocess, train: bool, augment: bool | str) -> T.Compose:
+    """CLIP transforms; test: resize + centre crop. Train by `augment`:
+
+    - `coop` (or True): RandomResizedCrop(scale 0.08-1) + horizontal flip (CoOp / Dassl);
+    - `finetune`: RandomResizedCrop(scale 0.9-1), no flip (WiSE-FT / FLYP / CaRot's `_transform`,
+      robust_finetuning.md §1.2);
+    - `none` (or False): a plain resize to the input size.
+    """
     interp = _INTERP[pre.interpolation]
     norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    if train and augment:
+    augment = {True: "coop", False: "none"}.get(augment, augment)
+    if augment not in AUGMENTS:
+        raise ValueError(
+            f"train_augment must be one of {list(AUGMENTS)} or a bool, got {augment!r}."
+        )
+    if train and augment == "finetune":
+        geo = [T.RandomResizedCrop(pre.image_size, scale=(0.9, 1.0), interpolation=interp)]
+    elif train and augment == "coop":
         geo = [
             T.RandomResizedCrop(pre.image_size, scale=(0.08, 1.0), interpolation=interp),
             T.RandomHorizontalFlip(),
