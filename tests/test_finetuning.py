@@ -388,3 +388,15 @@ def test_finetune_augment_is_a_mild_random_crop_without_flip() -> None:
     assert tf(Image.new("RGB", (40, 30))).shape == (3, 16, 16)
     with pytest.raises(ValueError, match="train_augment"):
         build_transforms(pre, True, "flip")
+
+
+def test_lp_ft_from_a_missing_lp_run_names_the_command_that_makes_it(tmp_path: Path) -> None:
+    missing = tmp_path / "carot_neurips24.tiny.lp.robust_shapes" / "seed3"
+    with pytest.raises(SourceRunError) as e:
+        _quick(
+            tmp_path,
+            "lp_ft_robust_shapes",
+            f"+method.source.run_dir={missing}",
+            "+method.source.experiment=lp_robust_shapes",
+        )
+    assert "python train.py experiment=lp_robust_shapes seed=3" in str(e.value)
