@@ -8,6 +8,7 @@ Kinds (one dataclass each; every field is plain data or a callable, never a mode
 - `TabularInfo`: column roles (continuous / binary / categorical), target, sensitive attribute.
 - `TokenInfo`: vocabulary size, sequence length, tokenizer, special tokens.
 - `InferenceInfo`: simulator, prior bounds, parameter names, true parameters of the observations.
+- `RetrievalInfo`: image-caption pairs: captions per image, how training pairs are drawn, test sets.
 """
 
 from __future__ import annotations
@@ -163,3 +164,23 @@ class InferenceInfo(TaskInfo):
     true_parameters: tuple[tuple[float, ...], ...] = ()
     observation_dim: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetrievalInfo(TaskInfo):
+    """Image-text retrieval: images with their captions (Flickr30k, MS-COCO, synthetic scenes).
+
+    `captions_per_image` is what evaluation ranks per image (the first K captions; 5 for Flickr30k
+    and COCO); `train_captions` says how training pairs are drawn (`first`: caption 0 of each image,
+    as the m2-mix release; `all`: every (image, caption) pair).
+    """
+
+    kind: ClassVar[str] = "image-text retrieval"
+    captions_per_image: int = 0
+    train_captions: str = "first"
+    test_sets: tuple[TestSet, ...] = (TestSet("test"),)
+    val_in_test: bool = False  # the test loaders end with the `val` split (model selection)
+
+    @property
+    def test_set_names(self) -> list[str]:
+        return [t.name for t in self.test_sets]

@@ -397,6 +397,11 @@ class CaptionedWorld:
 
     def sample(self, index: int) -> tuple[np.ndarray, str]:
         """Render sample `index`: a uint8 (H, W, 3) image and its caption."""
+        image, caption, _ = self.sample_scene(index)
+        return image, caption
+
+    def sample_scene(self, index: int) -> tuple[np.ndarray, str, tuple]:
+        """`sample`, plus the scene `recaption` describes again."""
         rng = self.rng(index)
         u = rng.random()
         if u < 0.45:
@@ -408,7 +413,7 @@ class CaptionedWorld:
             while objs[1].region == objs[0].region:
                 objs[1].region = (int(rng.integers(3)), int(rng.integers(3)))
             objs[0].size_word = objs[1].size_word = "small"
-        return self.render(rng, objs)
+        return self.render_scene(rng, objs)
 
     def batch(self, start: int, batch_size: int) -> tuple[np.ndarray, list[str]]:
         """Samples `start .. start + batch_size - 1` as a uint8 (B, H, W, 3) array and captions."""
@@ -440,7 +445,19 @@ class CaptionedWorld:
         bg_kind: str | None = None,
         digit_style: str | None = None,
     ) -> tuple[np.ndarray, str]:
-        """Draw `objs` on a background; returns a uint8 (H, W, 3) image and a caption.
+        """Draw `objs` on a background; returns a uint8 (H, W, 3) image and a caption."""
+        image, caption, _ = self.render_scene(rng, objs, bg_kind, digit_style)
+        return image, caption
+
+    def render_scene(
+        self,
+        rng: np.random.Generator,
+        objs: list[ObjectSpec],
+        bg_kind: str | None = None,
+        digit_style: str | None = None,
+    ) -> tuple[np.ndarray, str, tuple]:
+        """Draw `objs` on a background: a uint8 (H, W, 3) image, its caption, and the scene
+        (objects, background kind and colours, digit style) that `recaption` describes again.
 
         Args:
             rng: randomness for everything not fixed by `objs` (background, jitter, placement).
@@ -500,7 +517,13 @@ class CaptionedWorld:
             image = composite(image, alpha, color)
 
         caption = self._caption(rng, objs, bg_kind, bg_names, digit_style)
-        return np.clip(image + 0.5, 0, 255).astype(np.uint8), caption
+        scene = (list(objs), bg_kind, list(bg_names), digit_style)
+        return np.clip(image + 0.5, 0, 255).astype(np.uint8), caption, scene
+
+    def recaption(self, rng: np.random.Generator, scene: tuple) -> str:
+        """Another caption of a scene from `render_scene` (the phrasing drawn from `rng`)."""
+        objs, bg_kind, bg_names, digit_style = scene
+        return self._caption(rng, objs, bg_kind, bg_names, digit_style)
 
     def _caption(
         self,

@@ -68,17 +68,21 @@ def poly_decay_lr(
 
 def cosine_lr(
     optimizer: torch.optim.Optimizer,
-    warmup_steps: int,
-    total_steps: int,
+    warmup_steps: int = 0,
+    total_steps: int = 1,
     min_lr: float = 0.0,
+    warmup_frac: float | None = None,
 ) -> LambdaLR:
     """FLYP / WiSE-FT / CaRot's `cosine_lr`, stepped every optimiser step (robust_finetuning.md §1.5).
 
     lr(s) = base · (s + 1) / W for s < W, then ½ (1 + cos(π (s − W) / (T − W))) · base + min_lr.
     As in the released code `min_lr` is added (the peak is base + min_lr; 0 in every recipe). A
     partial factory in `configs/method/{ft,flyp,carot}.yaml`; `total_steps: null` becomes the run's
-    length (`reprolab.methods.base.Method.configure_optimizers`).
+    length (`reprolab.methods.base.Method.configure_optimizers`). `warmup_frac` (the m2-mix release's
+    `--warm_r`, 0.1) sets W = int(warmup_frac · T) instead of `warmup_steps`.
     """
+    if warmup_frac is not None:
+        warmup_steps = int(float(warmup_frac) * total_steps)
     if not 0 <= warmup_steps < total_steps:
         from reprolab.errors import ConfigValueError
 
