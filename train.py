@@ -27,6 +27,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+import reprolab  # noqa: E402,F401 - registers ${trial_dir:} of the run dir (omegaconf only, no torch)
+
 USER_ERROR_STATUS = 2  # as argparse: the command line (here, the config) was wrong
 
 

@@ -30,6 +30,7 @@ from reprolab.runguard import (
     resolve_checkpoint,
     set_aside_checkpoints,
 )
+from reprolab.search import apply_trial, overrides_of
 from reprolab.utils.checks import on_config_change_policy
 from reprolab.utils.config import validate_config
 from reprolab.utils.run_record import (
@@ -102,10 +103,14 @@ def _interactive() -> bool:
 
 
 def _base_record(cfg: DictConfig, fingerprint: str) -> dict[str, Any]:
+    trial = {}
+    if cfg.get("trial") is not None:  # a trial of a hyperparameter search: which, with what values
+        trial = {"trial": int(cfg.trial), "trial_overrides": overrides_of(cfg)}
     return {
         "fingerprint": fingerprint,
         "cell": cfg.cell,
         "seed": int(cfg.seed),
+        **trial,
         "experiment": cfg.get("experiment_name"),
         "paper": OmegaConf.to_container(cfg.paper, resolve=True),
         "method": cfg.method.name,
@@ -124,7 +129,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     is (`skip_if_done`). Whatever fails once the lock is held leaves `failed.json` (cell, seed,
     fingerprint, one-line error, traceback) and is re-raised; a signal ends the run with
     `RunInterrupted` after a checkpoint (see `reprolab.runguard`).
+
+    With `trial` set, the trial's values of `cfg.search` are written into `cfg` first (in place),
+    before the run dir, the record and the fingerprint are read (`reprolab.search.apply_trial`).
     """
+    apply_trial(cfg)
     run_dir = Path(cfg.paths.run_dir)
     record = start_record(cfg)  # what a failed.json can say if the config itself is broken
     try:

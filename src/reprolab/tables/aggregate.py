@@ -24,6 +24,17 @@ them is a failed run). The .md then counts, lists missing and failed runs, and c
 row (`TableResult.runs`), and prints each column's key; the csv keeps one line per (row, col) with
 that column's key in `metric`.
 
+Model selection (a table that sweeps `trial`, `TableSpec.select`; see `reprolab.search`): a cell's
+runs are `<cell>/trial<k>/seed<n>`. Per cell and seed, the trial with the best selection metric
+(`select.metric`, a validation key; `max` or `min`; ties: the lowest trial) among its finished
+trials is the seed's run, and its record gives the table's metric. A finished trial without the
+selection metric is a failed trial (the error names its run dir); a seed with no finished trial is
+a failed seed. A seed chosen while some of its trials are failed or missing is flagged (`*` in
+the grid, `partial` in the csv, "incomplete" in the .md's "Model selection" section, which lists
+per cell and seed the chosen trial, its selection value and values, and trials finished/expected).
+Records with a trial in a cell without selection, or without one in a cell with it, are ignored
+(listed). The csv gains `trials`, `chosen_trials` (`seed:trial;...`) and `incomplete_seeds`.
+
 Outputs are deterministic: sorted in the table's row/col order, fixed float formatting, no
 timestamps or absolute paths, so rebuilding from the same runs gives byte-identical files.
 """
@@ -42,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from reprolab.errors import single_line
+from reprolab.search import format_overrides, format_value
 from reprolab.tables.schema import TableSpec
 from reprolab.utils.run_record import FAILED_FILE, METRICS_FILE
 
@@ -70,6 +82,8 @@ CSV_COLUMNS = (
     "dirty_seeds",
     "commits",
 )
+#: Appended to CSV_COLUMNS for a table that selects over trials.
+SELECTION_COLUMNS = ("trials", "chosen_trials", "incomplete_seeds")
 SHORT_SHA = 7
 
 #: Display names of the cost keys train.py records, used where `table.labels` has none.
@@ -104,6 +118,8 @@ class RunRecord:
     finished_at: str | None = None
     source: str = ""  # where it came from: path relative to the log root, or W&B run path
     fingerprint: str | None = None  # of the run's resolved config (None: a record from before)
+    trial: int | None = None  # its trial of a hyperparameter search (None: a plain run)
+    overrides: dict[str, Any] | None = None  # the values of that trial (`trial_overrides`)
 
     @property
     def commit(self) -> str:
@@ -122,6 +138,7 @@ class CellResult:
     missing: list[int] = field(default_factory=list)
     records: dict[int, RunRecord] = field(default_factory=dict)  # seed -> finished record
     extras: dict[str, dict[int, float]] = field(default_factory=dict)  # extra key -> seed -> value
+    incomplete: list[int] = field(default_factory=list)  # seeds chosen among unfinished trials
 
     @property
     def n(self) -> int:
@@ -153,7 +170,8 @@ class CellResult:
         if self.experiment is None:
             return "no_experiment"
         if self.values:
-            return "ok" if not self.missing and not self.failed else "partial"
+            complete = not self.missing and not self.failed and not self.incomplete
+            return "ok" if complete else "partial"
         return "failed" if self.failed else "missing"
 
     @property
@@ -208,6 +226,37 @@ class RunCell:
 
 
 @dataclass
+class SeedSelection:
+    """The trials of one cell and seed of a table that selects over trials, and the one chosen."""
+
+    cell: str
+    experiment: str
+    seed: int
+    metric: str  # select.metric
+    mode: str  # max | min
+    expected: list[int]  # the table's trials
+    values: dict[int, float] = field(default_factory=dict)  # finished trial -> selection value
+    records: dict[int, RunRecord] = field(default_factory=dict)  # finished trial -> record
+    failed: dict[int, RunRecord] = field(default_factory=dict)  # trial -> failed record
+    chosen: int | None = None
+
+    @property
+    def missing(self) -> list[int]:
+        return [t for t in self.expected if t not in self.values and t not in self.failed]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.values) == len(self.expected)
+
+    def choose(self) -> int | None:
+        """The best trial by the selection metric; ties go to the lowest trial."""
+        if not self.values:
+            return None
+        sign = -1.0 if self.mode == "max" else 1.0
+        return min(self.values, key=lambda t: (sign * self.values[t], t))
+
+
+@dataclass
 class TableResult:
     spec: TableSpec
     cells: list[CellResult]  # rows × cols, in display order
@@ -215,6 +264,7 @@ class TableResult:
     source: str  # "metrics.json files" or "W&B runs (entity/project)"
     extra_columns: list[str] = field(default_factory=list)  # `table.extra_columns`, in order
     runs: list[RunCell] = field(default_factory=list)  # one per experiment, in display order
+    selections: list[SeedSelection] = field(default_factory=list)  # per cell and seed, in order
 
     @property
     def finished(self) -> list[RunRecord]:
@@ -245,6 +295,17 @@ def _seed_from_dir(name: str) -> int | None:
     return None
 
 
+def _trial_from_dir(name: str) -> int | None:
+    return int(name[5:]) if re.fullmatch(r"trial\d+", name) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None or isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _record_from_json(
     data: dict[str, Any] | None, err: str | None, path: Path, rel: str
 ) -> RunRecord:
@@ -257,6 +318,9 @@ def _record_from_json(
         seed = None if seed is None else int(seed)
     except (TypeError, ValueError):
         seed = None
+    dir_trial = _trial_from_dir(run_dir.parent.name)  # <cell>/trial<k>/seed<n>
+    cell_dir = run_dir.parent.parent if dir_trial is not None else run_dir.parent
+    overrides = data.get("trial_overrides")
     failed = (
         path.name == FAILED_FILE or err is not None or data.get("status", "finished") != "finished"
     )
@@ -264,7 +328,7 @@ def _record_from_json(
     if failed and error is None:
         error = data.get("error") or f"status={data.get('status')!r}"
     return RunRecord(
-        cell=str(data.get("cell") or run_dir.parent.name),
+        cell=str(data.get("cell") or cell_dir.name),
         seed=seed,
         status="failed" if failed else "finished",
         metrics=dict(data.get("metrics") or {}),
@@ -275,6 +339,8 @@ def _record_from_json(
         finished_at=data.get("finished_at") or data.get("failed_at"),
         source=rel,
         fingerprint=None if data.get("fingerprint") is None else str(data["fingerprint"]),
+        trial=_int_or_none(data.get("trial", dir_trial)),
+        overrides=overrides if isinstance(overrides, dict) else None,
     )
 
 
@@ -366,6 +432,7 @@ def collect_wandb(
         if not sha:
             sha = ((getattr(run, "metadata", None) or {}).get("git") or {}).get("commit")
         finished = run.state == "finished"
+        trial = _int_or_none(config.get("trial"))
         records.append(
             RunRecord(
                 cell=str(cell),
@@ -378,9 +445,23 @@ def collect_wandb(
                 error=None if finished else f"W&B state={run.state}",
                 finished_at=str(getattr(run, "heartbeat_at", "") or "") or None,
                 source="/".join(run.path),
+                trial=trial,
+                overrides=_wandb_overrides(config, trial),
             )
         )
     return records
+
+
+def _wandb_overrides(config: dict[str, Any], trial: int | None) -> dict[str, Any] | None:
+    """A W&B run's trial values, from the search block of its logged config."""
+    if trial is None or not isinstance(config.get("search"), dict):
+        return None
+    from reprolab.search import trial_overrides
+
+    try:
+        return trial_overrides(config["search"], trial)
+    except Exception:  # noqa: BLE001 - a search the current code cannot read: values unknown
+        return None
 
 
 def _matches_table(rec: RunRecord, spec: TableSpec) -> bool:
@@ -452,6 +533,17 @@ def aggregate(
 
     ignored: list[tuple[RunRecord, str]] = []
     chosen: dict[tuple[tuple[str, str], int], RunRecord] = {}
+    trial_runs: dict[tuple[tuple[str, str], int, int], RunRecord] = {}  # (key, seed, trial)
+
+    def keep(slots: dict[Any, RunRecord], slot: Any, rec: RunRecord) -> None:
+        other = slots.get(slot)
+        if other is None:
+            slots[slot] = rec
+            return
+        win, drop = (rec, other) if _preference(rec) > _preference(other) else (other, rec)
+        slots[slot] = win
+        ignored.append((drop, f"superseded by {win.source} ({win.status})"))
+
     for rec in sorted(records, key=lambda x: x.source):
         if not _matches_table(rec, spec):
             continue
@@ -462,21 +554,33 @@ def aggregate(
         if rec.seed is None or rec.seed not in spec.seeds:
             ignored.append((rec, f"seed {rec.seed} is not in table.seeds {spec.seeds}"))
             continue
-        if rec.status == "finished":
-            errs = [e for _, m in targets[key] if (e := _metric_value(rec, m)[1]) is not None]
-            if len(errs) == 1 == len(targets[key]):
-                rec = _as_failed(rec, errs[0])
-            elif errs and len(errs) == len(targets[key]):
-                have = ", ".join(sorted(rec.metrics)) or "none"
-                rec = _as_failed(rec, f"no key of table.col_metrics in the record (has: {have})")
-        slot = (key, rec.seed)
-        other = chosen.get(slot)
-        if other is None:
-            chosen[slot] = rec
+        trials = _compact(spec.trials)
+        if runs[key].experiment in spec.select:
+            if rec.trial is None:
+                ignored.append((rec, f"no trial; this cell selects over trials {trials}"))
+            elif rec.trial not in spec.trials:
+                ignored.append((rec, f"trial {rec.trial} is not in the table's trials {trials}"))
+            else:
+                keep(trial_runs, (key, rec.seed, rec.trial), rec)
             continue
-        keep, drop = (rec, other) if _preference(rec) > _preference(other) else (other, rec)
-        chosen[slot] = keep
-        ignored.append((drop, f"superseded by {keep.source} ({keep.status})"))
+        if rec.trial is not None:
+            why = f"trial {rec.trial} of a search, but the table does not sweep trials of this cell"
+            ignored.append((rec, why))
+            continue
+        keep(chosen, (key, rec.seed), _checked(rec, targets[key]))
+
+    selections = _select(spec, runs, trial_runs)
+    for sel in selections:
+        key = by_cell_id[sel.cell]
+        if sel.chosen is not None:
+            chosen[(key, sel.seed)] = _checked(sel.records[sel.chosen], targets[key])
+        elif sel.failed:
+            first = sel.failed[min(sel.failed)]
+            chosen[(key, sel.seed)] = _as_failed(
+                first,
+                f"no trial finished with {sel.metric} ({len(sel.failed)} failed, "
+                f"{len(sel.missing)} missing of {len(sel.expected)}; see Model selection)",
+            )
 
     for (key, seed), rec in chosen.items():
         runs[key].records[seed] = rec
@@ -491,6 +595,10 @@ def aggregate(
                 continue
             cell.values[seed] = value * spec.scale_of(cell.col)  # type: ignore[operator]
             cell.records[seed] = rec
+    for sel in selections:
+        if sel.chosen is not None and not sel.complete:
+            for cell_key, _ in targets[by_cell_id[sel.cell]]:
+                cells[cell_key].incomplete.append(sel.seed)
     for cell in cells.values():
         if cell.experiment is not None:
             cell.missing = [s for s in spec.seeds if s not in cell.values and s not in cell.failed]
@@ -510,7 +618,80 @@ def aggregate(
         source=source,
         extra_columns=list(spec.extra_columns),
         runs=list(runs.values()),
+        selections=selections,
     )
+
+
+def _checked(rec: RunRecord, targets: list[tuple[tuple[str, str], str]]) -> RunRecord:
+    """A finished record without the key of its only cell (or of any of its row's cells in a
+    metric-column table) counts as failed."""
+    if rec.status != "finished":
+        return rec
+    errs = [e for _, m in targets if (e := _metric_value(rec, m)[1]) is not None]
+    if len(errs) == 1 == len(targets):
+        return _as_failed(rec, errs[0])
+    if errs and len(errs) == len(targets):
+        have = ", ".join(sorted(rec.metrics)) or "none"
+        return _as_failed(rec, f"no key of table.col_metrics in the record (has: {have})")
+    return rec
+
+
+def _run_dir_of(rec: RunRecord) -> str:
+    """The run dir a record names (its source's parent; a W&B run path as it is)."""
+    return rec.source.rpartition("/")[0] if rec.source.endswith(".json") else rec.source
+
+
+def _select(
+    spec: TableSpec,
+    runs: dict[tuple[str, str], RunCell],
+    trial_runs: dict[tuple[tuple[str, str], int, int], RunRecord],
+) -> list[SeedSelection]:
+    """Per cell that selects over trials and per seed: its trials and the chosen one.
+
+    A finished trial without the selection metric is a failed trial whose error names its run
+    dir; test metrics are never read here.
+    """
+    out = []
+    for key, run in runs.items():
+        rule = spec.select.get(run.experiment)
+        if rule is None:
+            continue
+        for seed in spec.seeds:
+            sel = SeedSelection(
+                cell=run.cell,
+                experiment=run.experiment,
+                seed=seed,
+                metric=rule["metric"],
+                mode=rule["mode"],
+                expected=list(spec.trials),
+            )
+            for trial in spec.trials:
+                rec = trial_runs.get((key, seed, trial))
+                if rec is None:
+                    continue
+                if rec.status != "finished":
+                    sel.failed[trial] = rec
+                    continue
+                value, err = _metric_value(rec, sel.metric, have=False)
+                if err is not None:
+                    sel.failed[trial] = _as_failed(rec, f"selection {err}: {_run_dir_of(rec)}")
+                    continue
+                sel.values[trial] = value  # type: ignore[assignment]
+                sel.records[trial] = rec
+            sel.chosen = sel.choose()
+            out.append(sel)
+    return out
+
+
+def _compact(ints: list[int]) -> str:
+    """`0-3, 7, 9-10` for [0, 1, 2, 3, 7, 9, 10]."""
+    parts: list[tuple[int, int]] = []
+    for i in sorted(set(ints)):
+        if parts and parts[-1][1] == i - 1:
+            parts[-1] = (parts[-1][0], i)
+        else:
+            parts.append((i, i))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
 
 
 def _extras(records: dict[int, RunRecord], keys: list[str]) -> dict[str, dict[int, float]]:
@@ -556,9 +737,22 @@ def to_csv(result: TableResult) -> str:
     spec = result.spec
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*CSV_COLUMNS, *result.extra_columns])
+    selecting = bool(spec.select)
+    w.writerow([*CSV_COLUMNS, *result.extra_columns, *(SELECTION_COLUMNS if selecting else ())])
+    chosen: dict[str, dict[int, int]] = {}
+    for sel in result.selections:
+        if sel.chosen is not None:
+            chosen.setdefault(sel.cell, {})[sel.seed] = sel.chosen
     for c in result.cells:
         d = spec.decimals_of(c.col)
+        selection = []
+        if selecting:
+            trials = chosen.get(c.cell, {})
+            selection = [
+                len(spec.trials) if c.experiment in spec.select else "",
+                ";".join(f"{s}:{trials[s]}" for s in sorted(trials) if s in c.values),
+                _seeds(c.incomplete),
+            ]
         w.writerow(
             [
                 spec.paper,
@@ -579,6 +773,7 @@ def to_csv(result: TableResult) -> str:
                 _seeds(c.dirty_seeds),
                 ";".join(c.commits),
                 *(fmt_extra(c.extra_mean(k)) for k in result.extra_columns),
+                *selection,
             ]
         )
     return buf.getvalue()
@@ -602,6 +797,8 @@ def _cell_text(c: CellResult, d: int) -> str:
         ours = f"{fmt(c.mean, d)} ({c.n})"
     else:
         ours = f"{fmt(c.mean, d)} ± {fmt(c.std, d)} ({c.n})"
+    if c.incomplete and c.n:
+        ours += "*"  # a seed chosen among unfinished trials (Model selection)
     if c.reported is not None:
         ours += f" [{fmt(c.reported, d)}]"
     return ours
@@ -681,6 +878,72 @@ def _md_cost(result: TableResult) -> list[str]:
     for k in keys:
         out += ["", f"{_extra_label(spec, k)} (`{k}`):", ""]
         out += _grid(spec, cells, lambda c, _d, k=k: _extra_text(c, k, c.n))
+    return out
+
+
+def _md_selection(result: TableResult) -> list[str]:
+    """The "Model selection" section of a table that selects over trials: per cell and seed the
+    chosen trial, its selection value and values, trials finished/expected; then failed trials."""
+    spec = result.spec
+    if not spec.select:
+        return []
+    sels = result.selections
+    n_exp = sum(len(s.expected) for s in sels)
+    n_fin = sum(len(s.values) for s in sels)
+    n_fail = sum(len(s.failed) for s in sels)
+    n_inc = sum(1 for s in sels if s.chosen is not None and not s.complete)
+    out = [
+        "",
+        "## Model selection",
+        "",
+        f"Trials {_compact(spec.trials)} of each cell's search (`hydra.sweeper.params.trial`). Per "
+        "cell and seed, the reported run is the trial with the best selection metric among its "
+        "finished trials (ties: the lowest trial); test metrics are never used to select. "
+        f"{len(sels)} cell-seeds x {len(spec.trials)} trials = {n_exp} trial runs: {n_fin} "
+        f"finished, {n_fail} failed, {n_exp - n_fin - n_fail} missing. "
+        + (
+            f"**{n_inc} seed{'s' if n_inc != 1 else ''} chosen among incomplete trials** "
+            "(`*` in the table)."
+            if n_inc
+            else "Every chosen seed had all its trials finished."
+        ),
+        "",
+        "| cell | seed | selected by | trial | value | values of the trial | finished | note |",
+        "|:--|--:|:--|--:|--:|:--|--:|:--|",
+    ]
+    for sel in sels:
+        by = f"`{sel.metric}` ({sel.mode})"
+        done = f"{len(sel.values)}/{len(sel.expected)}"
+        problems = []
+        if sel.failed:
+            problems.append(f"failed trials {_compact(list(sel.failed))}")
+        if sel.missing:
+            problems.append(f"missing trials {_compact(sel.missing)}")
+        if sel.chosen is None:
+            note = "no finished trial" + (f": {'; '.join(problems)}" if problems else "")
+            row = [f"`{sel.cell}`", str(sel.seed), by, MISSING, MISSING, MISSING, done, note]
+        else:
+            rec = sel.records[sel.chosen]
+            note = f"**incomplete**: {'; '.join(problems)}" if problems else ""
+            row = [
+                f"`{sel.cell}`",
+                str(sel.seed),
+                by,
+                str(sel.chosen),
+                format_value(sel.values[sel.chosen]),
+                format_overrides(rec.overrides) or MISSING,
+                done,
+                note,
+            ]
+        out.append("| " + " | ".join(_md_escape(x) for x in row) + " |")
+    failed = [(sel, t, rec) for sel in sels for t, rec in sorted(sel.failed.items())]
+    if failed:
+        out += ["", "Failed trials:", ""]
+        out += [
+            f"- `{sel.cell}` seed {sel.seed} trial {t}: {single_line(rec.error, 200)} "
+            f"(`{rec.source}`)"
+            for sel, t, rec in failed
+        ]
     return out
 
 
@@ -810,10 +1073,16 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
     out += ["", f"Generated from {result.source} by `{cmd}`; do not edit by hand.", ""]
 
     out += _grid(spec, cells, _cell_text)
+    if any(c.incomplete for c in result.cells):
+        out += [
+            "",
+            "`*` = some seed's trial was chosen among unfinished trials (see Model selection).",
+        ]
     if any(c.delta is not None for c in result.cells):
         out += ["", "Δ = ours − paper:", ""]
         out += _grid(spec, cells, lambda c, d: _signed(c.delta, d))
     out += _md_cost(result)
+    out += _md_selection(result)
 
     out += _md_row_runs(result) if spec.metric_columns else _md_cell_runs(result)
 
@@ -841,16 +1110,23 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
     out += ["", "## Configs", ""]
     what = "rows" if spec.metric_columns else "cells"
     units = result.runs if spec.metric_columns else result.cells
-    mixed = [u for u in units if len(u.fingerprints) > 1]
+    # The seeds of a cell that selects over trials may choose different trials (configs): there,
+    # the seeds of each trial must share one config.
+    mixed = [
+        (f"`{u.cell}`", u.fingerprints)
+        for u in units
+        if len(u.fingerprints) > 1 and u.experiment not in spec.select
+    ]
+    mixed += _mixed_trials(result.selections)
     if mixed:
         out.append(
-            f"**Mixed configs**: the seeds of these {what} ran different resolved configs "
+            f"**Mixed configs**: the seeds of these {what} (trials) ran different resolved configs "
             "(fingerprint: seeds); their mean and std mix settings:"
         )
         out.append("")
-        for u in mixed:
-            fps = "; ".join(f"`{fp}`: {_seed_list(s)}" for fp, s in sorted(u.fingerprints.items()))
-            out.append(f"- `{u.cell}`: {fps}")
+        for name, fingerprints in mixed:
+            fps = "; ".join(f"`{fp}`: {_seed_list(s)}" for fp, s in sorted(fingerprints.items()))
+            out.append(f"- {name}: {fps}")
     else:
         one = "row" if spec.metric_columns else "cell"
         out.append(f"Every {one}'s finished seeds share one config fingerprint (or predate them).")
@@ -881,6 +1157,21 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
         out += ["", "## Config warnings", ""]
         out += [f"- {w}" for w in spec.warnings]
     return "\n".join(out) + "\n"
+
+
+def _mixed_trials(selections: list[SeedSelection]) -> list[tuple[str, dict[str, list[int]]]]:
+    """`(cell trial k, {fingerprint: seeds})` for each trial whose finished seeds ran different
+    configs."""
+    by_trial: dict[tuple[str, int], dict[int, RunRecord]] = {}
+    for sel in selections:
+        for trial, rec in sel.records.items():
+            by_trial.setdefault((sel.cell, trial), {})[sel.seed] = rec
+    out = []
+    for (cell, trial), records in sorted(by_trial.items()):
+        fps = _fingerprints(records)
+        if len(fps) > 1:
+            out.append((f"`{cell}` trial {trial}", fps))
+    return out
 
 
 def output_paths(spec: TableSpec, out_dir: str | Path) -> dict[str, Path]:

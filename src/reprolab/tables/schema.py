@@ -34,6 +34,15 @@ throughput/train_samples_per_s]`): cost keys of the run records that the aggrega
 beside the metric (`reprolab.tables.aggregate`). Each must be a key that the method of at least one
 experiment of the table declares it logs; a record without it shows "—".
 
+Hyperparameter search and model selection (`reprolab.search`): a table whose experiments declare
+a `search:` (and a `select:` rule) sweeps `trial` beside `experiment` and `seed`
+(`hydra.sweeper.params.trial: range(0,16)`). The swept trials must be exactly 0..N-1, N the number
+of trials of the search of every experiment of the table (a grid's size or a random search's
+`n`); every experiment must declare a search and a `select` whose metric its method logs (never a
+`test/` key). The aggregator then reports, per cell and seed, the test metric of the trial with
+the best selection metric (`reprolab.tables.aggregate`). A table that does not sweep `trial`
+aggregates plain runs (trial null) even of experiments that declare a search.
+
 Source of truth for the paper's numbers: the table's `reported` block (`{row: {col: number}}`,
 columns of the table in both kinds). An experiment's `paper.reported` is informational (a number;
 in a metric-column table a mapping `{col: number}`); when both are given and disagree (or only the
@@ -74,8 +83,10 @@ TABLE_KEYS_OPTIONAL: dict[str, Any] = {
 }
 TABLE_KEYS = TABLE_KEYS_REQUIRED + tuple(TABLE_KEYS_OPTIONAL)
 
-#: Sweeper parameters that define a job; any other swept key would put several jobs in one run dir.
-SWEEP_KEYS = ("experiment", "seed")
+#: Sweeper parameters that define a job (its run dir `<cell>[/trial<k>]/seed<n>`); any other swept
+#: key would put several jobs in one run dir. `trial` is optional (a hyperparameter search).
+SWEEP_KEYS = ("experiment", "seed", "trial")
+REQUIRED_SWEEP_KEYS = ("experiment", "seed")
 
 
 class TableConfigError(ReprolabError, ValueError):
@@ -107,6 +118,8 @@ class ExperimentInfo:
     path: Path | None  # configs/experiment/<name>.yaml; None for a cell a paper grid generates
     method: str | None = None  # method.name
     method_target: str | None = None  # method._target_; None when it cannot be known (bare tree)
+    num_trials: int | None = None  # trials of its `search:` (None: it declares none)
+    select: dict[str, str] | None = None  # its `select:` rule {metric, mode} (None: none)
 
 
 @dataclass
@@ -140,6 +153,8 @@ class TableSpec:
     col_decimals: dict[str, int] = field(default_factory=dict)
     col_scale: dict[str, float] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)  # cost keys of the records, in order
+    trials: list[int] = field(default_factory=list)  # swept `trial` values (empty: no search)
+    select: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment -> {metric, mode}
 
     @property
     def metric_columns(self) -> bool:
@@ -178,7 +193,7 @@ class TableSpec:
 
     @property
     def n_jobs(self) -> int:
-        return self.n_cells * len(self.seeds)
+        return self.n_cells * len(self.seeds) * max(1, len(self.trials))
 
 
 def _choices(config_dir: Path, group: str) -> list[str]:
@@ -295,7 +310,7 @@ class _Experiments:
         method = cfg.get("method")
         target = None if not isinstance(method, DictConfig) else method.get("_target_")
         name = None if not isinstance(method, DictConfig) else method.get("name")
-        return _paper_info(
+        info = _paper_info(
             exp,
             cfg.get("paper"),
             path if path.is_file() else None,
@@ -303,6 +318,7 @@ class _Experiments:
             None if target is None else str(target),
             errors,
         )
+        return _with_search(exp, info, cfg, errors, composed=True)
 
     def _read(self, exp: str, errors: list[str]) -> ExperimentInfo | None:
         path = self.config_dir / "experiment" / f"{exp}.yaml"
@@ -316,9 +332,35 @@ class _Experiments:
         method_file = self.config_dir / "method" / f"{method}.yaml"
         if method is not None and method_file.is_file():
             target = OmegaConf.load(method_file).get("_target_")
-        return _paper_info(
+        info = _paper_info(
             exp, cfg.get("paper"), path, method, None if target is None else str(target), errors
         )
+        return _with_search(exp, info, cfg, errors, composed=False)
+
+
+def _with_search(
+    exp: str, info: ExperimentInfo | None, cfg: DictConfig, errors: list[str], composed: bool
+) -> ExperimentInfo | None:
+    """`info` with the trial count of the experiment's `search:` and its `select:` rule; a
+    malformed block is an error of the experiment (a composed one: its keys checked too)."""
+    from dataclasses import replace
+
+    from reprolab.search import check_search, num_trials, read_search, read_select
+
+    if info is None:
+        return None
+    search, select = cfg.get("search"), cfg.get("select")
+    try:
+        if composed:
+            check_search(cfg)
+        elif search is not None:
+            read_search(search)
+        rule = None if select is None else read_select(select)
+        n = None if search is None else num_trials(search)
+    except ReprolabError as exc:
+        errors.append(f"experiment {exp}: {exc}")
+        return info
+    return replace(info, num_trials=n, select=rule)
 
 
 _EXPERIMENTS: dict[str, tuple[tuple, _Experiments]] = {}
@@ -409,7 +451,9 @@ def _check_sweeper(
     experiments: _Experiments,
     errors: list[str],
     warnings: list[str],
-) -> None:
+) -> list[int]:
+    """Check `hydra.sweeper.params`; returns the swept `trial` values (empty when not swept)."""
+    trials: list[int] = []
     mode = OmegaConf.select(cfg, "hydra.mode")
     if str(mode) != "MULTIRUN":
         warnings.append(
@@ -422,11 +466,11 @@ def _check_sweeper(
             "hydra.sweeper.params is missing; it must sweep `experiment` (= table.experiments) "
             "and `seed` (= table.seeds)"
         )
-        return
+        return trials
     params = _resolve(params, "hydra.sweeper.params", errors)
     if not isinstance(params, dict):
-        return
-    for key in SWEEP_KEYS:
+        return trials
+    for key in REQUIRED_SWEEP_KEYS:
         if key not in params:
             errors.append(f"hydra.sweeper.params.{key} is missing (must equal table.{key}s)")
     for key, value in params.items():
@@ -463,12 +507,86 @@ def _check_sweeper(
                     f"hydra.sweeper.params.seed sweeps {sorted(got_seeds)} but table.seeds is "
                     f"{sorted(seeds)}; they must be equal"
                 )
+        elif key == "trial":
+            try:
+                trials = [int(v) for v in values]
+            except ValueError:
+                errors.append(f"hydra.sweeper.params.trial={value!r} must be integers")
+                continue
+            if trials != list(range(len(trials))):
+                errors.append(
+                    f"hydra.sweeper.params.trial sweeps {trials}; it must be the trials "
+                    f"0..N-1 of the experiments' search in order, e.g. range(0,{len(trials)})"
+                )
+                trials = []
         elif len(values) > 1:
             errors.append(
                 f"hydra.sweeper.params.{key} sweeps {len(values)} values, but run dirs are "
                 "`<cell>/seed<seed>`: jobs would overwrite each other. Make each value its own "
-                "experiment (its own table cell) instead."
+                "experiment (its own table cell) instead, or declare a hyperparameter search "
+                "(`search:` in the experiment) and sweep `trial`."
             )
+    return trials
+
+
+def _check_trials(
+    trials: list[int],
+    infos: list[ExperimentInfo],
+    config_dir: Path,
+    errors: list[str],
+    warnings: list[str],
+) -> dict[str, dict[str, str]]:
+    """A table that sweeps `trial`: every experiment declares a search of exactly that many
+    trials and a `select` rule whose metric its method logs. Returns experiment -> rule."""
+    from reprolab.utils.config import method_metric_keys, metric_is_logged
+
+    if not trials:
+        searching = [i.name for i in infos if i.num_trials is not None]
+        if searching:
+            warnings.append(
+                f"{', '.join(searching)} declare a hyperparameter search, but the table does not "
+                "sweep `trial`: their plain runs (trial=null) are aggregated"
+            )
+        return {}
+    n = len(trials)
+    rules: dict[str, dict[str, str]] = {}
+    for info in infos:
+        where = f"experiment {info.name}"
+        if info.num_trials is None:
+            errors.append(
+                f"{where} declares no `search:` but the table sweeps trial 0..{n - 1}; give it a "
+                "search of that many trials, or put it in a table that does not sweep trial"
+            )
+            continue
+        if info.num_trials != n:
+            errors.append(
+                f"{where}: its search has {info.num_trials} trials but the table sweeps "
+                f"{n} (hydra.sweeper.params.trial: range(0,{info.num_trials}) would match)"
+            )
+        if info.select is None:
+            errors.append(
+                f"{where} declares a search but no `select:` rule ({{metric: val/<key>, mode: max "
+                "| min}}): the aggregator cannot pick a trial"
+            )
+            continue
+        rules[info.name] = info.select
+        metric = info.select["metric"]
+        if info.method_target is None:
+            warnings.append(
+                f"{where}: select.metric '{metric}' not checked: its method config is not under "
+                f"{config_dir}/method"
+            )
+            continue
+        try:
+            logged = metric_is_logged(info.method_target, metric)
+        except Exception:  # noqa: BLE001 - an unreadable class: reported by the metric check
+            continue
+        if not logged:
+            errors.append(
+                f"{where}: select.metric '{metric}' is not a key method={info.method} logs; it "
+                f"logs {', '.join(method_metric_keys(info.method_target))}"
+            )
+    return rules
 
 
 def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], list[str], Path]:
@@ -652,7 +770,8 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         _check_metric(name, str(metric), infos, config_dir, errors, warnings)
     if extra_columns:
         _check_extra_columns(name, extra_columns, infos, config_dir, errors, warnings)
-    _check_sweeper(cfg, exps, seeds, experiments, errors, warnings)
+    trials = _check_sweeper(cfg, exps, seeds, experiments, errors, warnings)
+    select = _check_trials(trials, infos, config_dir, errors, warnings)
 
     if errors:
         return None, errors, warnings, path
@@ -679,6 +798,8 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         col_decimals={c: int(v) for c, v in col_decimals.items()},
         col_scale={c: float(v) for c, v in col_scale.items()},
         extra_columns=extra_columns,
+        trials=trials,
+        select=select,
     )
     return spec, errors, warnings, path
 

@@ -1,9 +1,10 @@
 """Checks of config values that run right after composition, before torch or Lightning is imported.
 
 `check_values(cfg)` catches the ordinary mistakes (`seed=abc`, `data.num_shots=-1`,
-`method.budget=0`, `ckpt_path=/nope`) in well under a second, with one line that names the key, the
-value and the fix, instead of a traceback after the data and the model were built. Imports: the
-standard library and omegaconf only (a test checks that importing this module pulls in no torch).
+`method.budget=0`, `ckpt_path=/nope`, a malformed `search:` block, a `trial` outside it) in well
+under a second, with one line that names the key, the value and the fix, instead of a traceback
+after the data and the model were built. Imports: the standard library and omegaconf only (a test
+checks that importing this module pulls in no torch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from reprolab.errors import ConfigValueError, ReprolabError
+from reprolab.search import check_search
 
 __all__ = ["ConfigValueError", "ReprolabError", "check_values"]
 
@@ -117,6 +119,14 @@ def check_values(cfg: DictConfig) -> None:
     _check_budget(cfg)
     _check_ckpt_path(cfg)
     on_config_change_policy(cfg)
+    _int_at_least(
+        cfg,
+        "trial",
+        0,
+        nullable=True,
+        fix="use trial=0 or more (a trial of the experiment's search), or trial=null (a plain run)",
+    )
+    check_search(cfg)  # search / select blocks, and trial within the search's trials
 
 
 def on_config_change_policy(cfg: DictConfig) -> str:

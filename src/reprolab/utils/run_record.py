@@ -26,8 +26,10 @@ LOCK_FILE = ".lock"  # held (flock) by the one process running the cell; see rep
 # Config keys that cannot change a run's results, left out of its fingerprint: where files go
 # (`paths`, `hydra`), how progress is shown or logged, how fast it runs (`threads`), how a launch
 # treats an existing run dir (`skip_if_done`, `ckpt_path`, `on_config_change`), extra callbacks,
-# names and tags, and the paper's reported numbers (`paper.reported`, `paper.seeds`). Dotted keys
-# name nested entries. Anything else that differs makes it a different run.
+# names and tags, the paper's reported numbers (`paper.reported`, `paper.seeds`), and a
+# hyperparameter search's space and selection rule (`search`, `select`: a trial's config holds the
+# values it runs with; see reprolab.search). Dotted keys name nested entries. Anything else that
+# differs makes it a different run.
 NON_RESULT_KEYS: tuple[str, ...] = (
     "paths",
     "hydra",
@@ -44,7 +46,12 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "tags",
     "paper.reported",
     "paper.seeds",
+    "search",
+    "select",
 )
+#: Keys that count only when set: null reads as absent (the fingerprints of runs from before
+#: these keys existed stay what they were).
+NULL_AS_ABSENT_KEYS: tuple[str, ...] = ("trial",)
 
 log = logging.getLogger("reprolab")
 
@@ -101,6 +108,9 @@ def fingerprint_config(cfg: Any) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - an unresolvable value is identified by its text
             value = OmegaConf.to_container(work, resolve=False)[key]
         out[str(key)] = value
+    for key in NULL_AS_ABSENT_KEYS:
+        if key in out and out[key] is None:
+            del out[key]
     for dotted in NON_RESULT_KEYS:
         if "." in dotted:
             *parents, leaf = dotted.split(".")
@@ -277,8 +287,9 @@ def write_failure(run_dir: Path, base: dict[str, Any], exc: BaseException) -> No
 
 
 def start_record(cfg: Any) -> dict[str, Any]:
-    """`cell`, `seed` and `fingerprint` of a config, as far as they can be read: the minimum a
-    failed.json carries for a cell that could not start (a broken value must not hide the cell)."""
+    """`cell`, `seed`, `trial` (when set) and `fingerprint` of a config, as far as they can be
+    read: the minimum a failed.json carries for a cell that could not start (a broken value must
+    not hide the cell)."""
     from omegaconf import OmegaConf
 
     def get(key: str) -> Any:
@@ -296,7 +307,9 @@ def start_record(cfg: Any) -> dict[str, Any]:
         fingerprint: str | None = config_fingerprint(cfg)
     except Exception:  # noqa: BLE001
         fingerprint = None
-    return {"cell": get("cell"), "seed": seed, "fingerprint": fingerprint}
+    trial = get("trial")
+    extra = {} if trial is None else {"trial": trial}  # a trial of a search (reprolab.search)
+    return {"cell": get("cell"), "seed": seed, **extra, "fingerprint": fingerprint}
 
 
 def record_cannot_start(cfg: Any, exc: BaseException) -> Path | None:
