@@ -41,6 +41,8 @@ from make_data_tree import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Real image classification datasets. The caption datasets (flickr30k, coco_captions) have no classes
+# or templates and are tested in tests/test_caption_data.py.
 REAL = {
     # name: (classes, BlackVIP/CoOp template)
     "caltech101": (100, "a photo of a {}."),
