@@ -308,7 +308,7 @@ def test_retrieval_data_and_methods_refuse_the_wrong_task_in_one_line() -> None:
     with pytest.raises(TaskInfoError, match="has no captions"):
         RetrievalDataModule("shapes", "shapes")
     info = ImageClassificationInfo(name="shapes", classnames=("a",), templates=("{}",))
-    with pytest.raises(TaskInfoError, match="needs a image-text retrieval task") as err:
+    with pytest.raises(TaskInfoError, match="needs an image-text retrieval task") as err:
         ZeroShotRetrieval("zeroshot_retrieval", model=object(), info=info)
     assert "\n" not in str(err.value)
     with pytest.raises(ReprolabError, match="eval_captions"):

@@ -95,8 +95,8 @@ class Method(L.LightningModule):
             raise TaskInfoError(f"method={name} was built without task info (data module `info`).")
         if not isinstance(info, cls.info_type):
             raise TaskInfoError(
-                f"method={name} needs a {cls.info_type.kind} task, but data={info.name} is a "
-                f"{info.kind} task."
+                f"method={name} needs {_a(cls.info_type.kind)} task, but data={info.name} is "
+                f"{_a(info.kind)} task."
             )
         info.require(name, *cls.requires)
         return info
@@ -423,6 +423,11 @@ def shift_average(values: dict[str, float], shift_sets: list[str]) -> dict[str, 
         if all(v is not None for v in vals):
             out[f"test/{SHIFT_AVERAGE}/{key}"] = float(sum(vals) / len(vals))
     return out
+
+
+def _a(noun: str) -> str:
+    """The noun with its indefinite article ("an image classification")."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _index_groups(test_sets: Iterable[TestSet], num_classes: int) -> list[list[list[int]] | None]:
