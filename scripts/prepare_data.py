@@ -114,7 +114,7 @@ def rows(root: Path) -> list[dict[str, str]]:
             out.append(
                 {
                     "name": name,
-                    "classes": str(len(spec.classnames)),
+                    "classes": str(len(spec.classnames)) if spec.classnames else "-",
                     "train": "-",
                     "val": "-",
                     "test": "-",
@@ -129,7 +129,7 @@ def rows(root: Path) -> list[dict[str, str]]:
         status, reason, _ = tree_status(spec, root)
         row = {
             "name": name,
-            "classes": str(info["classes"]),
+            "classes": str(info["classes"]) if info.get("classes") else "-",
             "train": _n(exp.get("train")),
             "val": _n(exp.get("val")),
             "test": _n(exp.get("test")),
