@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from reprolab.errors import ConfigValueError
 from reprolab.runguard import (
@@ -103,6 +104,19 @@ def test_fingerprint_ignores_what_cannot_change_results(tmp_path: Path) -> None:
     assert config_fingerprint(c) != config_fingerprint(a)
     diff = config_diff(fingerprint_config(a), fingerprint_config(c))
     assert "data.num_shots: 2 -> 4" in diff and "method.optimizer.lr: 0.001 -> 0.5" in diff
+
+
+def test_optional_keys_count_only_when_set() -> None:
+    """`NULL_AS_ABSENT_KEYS` (trial, method.simat): a null value reads as absent, so runs made before
+    such a key existed keep their fingerprint; a set value changes it."""
+    plain = OmegaConf.create({"seed": 1, "method": {"name": "m", "lr": 0.1}})
+    with_nulls = OmegaConf.create(
+        {"seed": 1, "trial": None, "method": {"name": "m", "lr": 0.1, "simat": None}}
+    )
+    assert config_fingerprint(plain) == config_fingerprint(with_nulls)
+    assert "simat" not in fingerprint_config(with_nulls)["method"]
+    with_nulls.method.simat = {"root": "/data/simat"}
+    assert config_fingerprint(plain) != config_fingerprint(with_nulls)
 
 
 def test_changed_config_is_refused_naming_what_differs_then_replace_starts_fresh(

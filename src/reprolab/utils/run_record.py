@@ -51,7 +51,7 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 )
 #: Keys that count only when set: null reads as absent (the fingerprints of runs from before
 #: these keys existed stay what they were).
-NULL_AS_ABSENT_KEYS: tuple[str, ...] = ("trial",)
+NULL_AS_ABSENT_KEYS: tuple[str, ...] = ("trial", "method.simat")
 
 log = logging.getLogger("reprolab")
 
@@ -109,8 +109,12 @@ def fingerprint_config(cfg: Any) -> dict[str, Any]:
             value = OmegaConf.to_container(work, resolve=False)[key]
         out[str(key)] = value
     for key in NULL_AS_ABSENT_KEYS:
-        if key in out and out[key] is None:
-            del out[key]
+        *parents, leaf = key.split(".")
+        node: Any = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] is None:
+            del node[leaf]
     for dotted in NON_RESULT_KEYS:
         if "." in dotted:
             *parents, leaf = dotted.split(".")
