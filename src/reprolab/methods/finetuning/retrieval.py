@@ -12,11 +12,17 @@ test pass, after the test sets, so it measures the final model):
   pairs: `uniformity` ([U; V]), `uniformity_code` ([U; U], the release's call), `alignment`,
   `rel_alignment`, `modality_gap`, `cos_image`, `cos_text`, `cos_pos`, `cos_neg`.
 Features are L2-normalised float32; under DDP they are gathered and de-duplicated by image index.
+
+SIMAT (optional, `simat:`; robust_finetuning.md §4.4): at the end of the test pass the method
+encodes the SIMAT database images (its own preprocessing) and the transformation words (the bare
+word, as the release) and logs `test/simat/simat` (best lambda), `test/simat/simat_lambda` and
+`test/simat/simat@<lambda>` (`reprolab.metrics.simat`, `reprolab.data.simat`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -25,10 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprolab.data.info import RetrievalInfo
+from reprolab.data.simat import SimatData, SimatImages, load_simat
+from reprolab.data.transforms import build_transforms
 from reprolab.errors import ConfigValueError
 from reprolab.methods.base import Method
 from reprolab.methods.finetuning.flyp import contrastive_loss
 from reprolab.metrics.retrieval import embedding_geometry, recall_at_k, retrieval_ece
+from reprolab.metrics.simat import SIMAT_LAMBDAS, simat_score
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,46 @@ GEOMETRY_KEYS = (
     "cos_neg",
 )
 ALL_KEYS = (*RECALL_KEYS, *CAP1_KEYS, *GEOMETRY_KEYS)
+#: `simat:` keys and their defaults (`root` is required).
+SIMAT_DEFAULTS: dict[str, Any] = {
+    "root": None,  # the data root holding simat/ (reprolab.data.simat)
+    "split": "dev",  # the m2-mix release evaluates the dev transformations (is_test False)
+    "lambdas": list(SIMAT_LAMBDAS),
+    "batch_size": 64,
+    "num_workers": 0,
+}
+
+
+def simat_options(name: str, simat: Any) -> dict[str, Any] | None:
+    """`simat:` as a full dict of options: a data root (str / path), a dict, or None (off)."""
+    if simat is None:
+        return None
+    if isinstance(simat, (str, os.PathLike)):
+        simat = {"root": simat}
+    if not isinstance(simat, dict):
+        raise ConfigValueError(
+            f"method={name}: simat must be a data root or {{root, split, lambdas, ...}}, got "
+            f"{simat!r}."
+        )
+    unknown = sorted(set(simat) - set(SIMAT_DEFAULTS))
+    if unknown:
+        raise ConfigValueError(
+            f"method={name}: unknown simat option {unknown[0]!r} (options: "
+            f"{', '.join(SIMAT_DEFAULTS)})."
+        )
+    opts = {**SIMAT_DEFAULTS, **simat}
+    if not opts["root"]:
+        raise ConfigValueError(
+            f"method={name}: simat needs root, the data root holding simat/ "
+            f"(method.simat={{root:${{paths.data_dir}},...}})."
+        )
+    lams = opts["lambdas"]
+    if not isinstance(lams, (list, tuple)) or not lams:
+        raise ConfigValueError(f"method={name}: simat.lambdas must be a non-empty list.")
+    if int(opts["batch_size"]) < 1 or int(opts["num_workers"]) < 0:
+        raise ConfigValueError(f"method={name}: simat.batch_size must be >= 1, num_workers >= 0.")
+    opts["lambdas"] = [float(v) for v in lams]
+    return opts
 
 
 class RetrievalMethod(Method):
@@ -59,6 +108,9 @@ class RetrievalMethod(Method):
         ece_bins: bins of the retrieval ECE.
         backbone_eval: keep the backbone in eval mode while training (the release calls
             `clip_model.eval()` before its training loop: no dropout, frozen BatchNorm statistics).
+        simat: None (off), a data root holding `simat/`, or `{root, split: dev | test, lambdas,
+            batch_size, num_workers}` (defaults: `SIMAT_DEFAULTS`): score SIMAT at the end of the
+            test pass (`test/simat/*`). The data is read when the method is built.
         **kwargs: see `Method` (`optimizer`, `scheduler`, `post_hoc`).
     """
 
@@ -76,6 +128,7 @@ class RetrievalMethod(Method):
         temperature: float | None = None,
         ece_bins: int = 10,
         backbone_eval: bool = True,
+        simat: dict[str, Any] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, model, info, **kwargs)
@@ -103,6 +156,10 @@ class RetrievalMethod(Method):
         if getattr(self.info, "val_in_test", False):
             self.eval_sets.append("val")  # its loader comes last (`RetrievalInfo.val_in_test`)
         self._collected: dict[str, list[dict[str, Tensor]]] = {}
+        self.simat = simat_options(name, simat)
+        self._simat_data: SimatData | None = None
+        if self.simat is not None:  # read now: a missing SIMAT fails before training
+            self._simat_data = load_simat(self.simat["root"], self.simat["split"])
 
     @classmethod
     def metric_keys(cls) -> tuple[str, ...]:
@@ -113,6 +170,7 @@ class RetrievalMethod(Method):
             *(f"test/{k}" for k in keys),
             *(f"test/*/{k}" for k in keys),
             *(f"val/{k}" for k in keys),
+            "test/simat/*",
         )
 
     def data_requirements(self) -> dict[str, Any]:
@@ -202,7 +260,55 @@ class RetrievalMethod(Method):
             out.update({f"test/{name}/{k}": v for k, v in values.items()})
             if i == 0:
                 out.update({f"test/{k}": v for k, v in values.items()})
+        if self._simat_data is not None:
+            out.update({f"test/simat/{k}": v for k, v in self.simat_metrics().items()})
         self.log_dict(out, add_dataloader_idx=False, sync_dist=False)
+
+    # -- SIMAT ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def simat_metrics(self) -> dict[str, float]:
+        """SIMAT scores of the current model (`reprolab.metrics.simat`): the database images
+        through the model's evaluation preprocessing, the words bare (the release tokenises the
+        word alone, no prompt template). Under DDP each rank encodes every world-th image and the
+        features are gathered. Every backbone module's train / eval mode is restored afterwards."""
+        data, opts = self._simat_data, self.simat
+        assert data is not None and opts is not None
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        self.backbone.eval()
+        try:
+            world, rank = 1, 0
+            if self._trainer is not None and self.trainer.world_size > 1 and dist.is_initialized():
+                world, rank = self.trainer.world_size, self.trainer.global_rank
+            mine = list(range(rank, len(data.image_paths), world))
+            images = SimatImages(
+                [data.image_paths[i] for i in mine],
+                build_transforms(self.backbone.preprocess, False, False),
+            )
+            loader = torch.utils.data.DataLoader(
+                images,
+                batch_size=int(opts["batch_size"]),
+                shuffle=False,
+                num_workers=int(opts["num_workers"]),
+            )
+            feats = torch.cat([self.encode_images(x.to(self.device)).cpu() for x, _ in loader])
+            if world > 1:
+                everyone: list[Any] = [None] * world
+                dist.all_gather_object(everyone, (mine, feats))
+                u = torch.empty(len(data.image_paths), feats.shape[1])
+                for idx, f in everyone:
+                    u[idx] = f
+            else:
+                u = feats
+            words = list(data.words)
+            step = int(opts["batch_size"])
+            w = torch.cat(
+                [self.encode_texts(words[s : s + step]).cpu() for s in range(0, len(words), step)]
+            )
+        finally:
+            for m, mode in modes:  # each module's own flag (a partly trained backbone)
+                m.training = mode
+        dev = self.device  # scored where the model is (8,933 x 5,859 dot products per lambda)
+        return simat_score(u.to(dev), w.to(dev), lambdas=opts["lambdas"], **data.score_inputs())
 
 
 class ZeroShotRetrieval(RetrievalMethod):
