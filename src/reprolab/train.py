@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reprolab.callbacks import Throughput
+from reprolab.errors import ConfigValueError
 from reprolab.runguard import (
     FiniteLoss,
     NoTrainingSteps,
@@ -31,6 +32,13 @@ from reprolab.runguard import (
     set_aside_checkpoints,
 )
 from reprolab.search import apply_trial, overrides_of
+from reprolab.selection import (
+    best_checkpoint,
+    read_selection,
+    selection_callbacks,
+    selection_record,
+    trainer_overrides,
+)
 from reprolab.utils.checks import on_config_change_policy
 from reprolab.utils.config import validate_config
 from reprolab.utils.run_record import (
@@ -233,6 +241,8 @@ def _run_locked(
     )
     if rounds is not None:
         record["rounds"] = rounds
+    if getattr(method, "selection_record", None) is not None:
+        record["selection"] = method.selection_record
     write_json_atomic(run_dir / METRICS_FILE, record)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     for lg in wandb_loggers:
@@ -255,8 +265,10 @@ def _trainer(
     )
 
 
-def _test_metrics(trainer: L.Trainer, method: L.LightningModule, datamodule: Any) -> dict:
-    results = trainer.test(method, datamodule=datamodule, verbose=False)
+def _test_metrics(
+    trainer: L.Trainer, method: L.LightningModule, datamodule: Any, ckpt_path: str | None = None
+) -> dict:
+    results = trainer.test(method, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path)
     metrics: dict[str, float] = {}
     for r in results:
         metrics.update({k: float(v) for k, v in r.items()})
@@ -296,15 +308,46 @@ def _fit_and_test(
     round (state and weights) and continues with the next, or inside the round it died in.
     """
     run_dir = Path(cfg.paths.run_dir)
+    sel = read_selection(cfg)
+    if sel is not None and method.num_rounds != 1:
+        raise ConfigValueError(
+            f"selection is not supported for method={cfg.method.name}, which trains in "
+            f"{method.num_rounds} rounds; set selection=null."
+        )
     if method.num_rounds == 1:
         guards = _guards(guard, run_dir / "checkpoints")
-        trainer = _trainer(cfg, loggers, [*_build_callbacks(cfg), throughput, *guards])
+        chosen = selection_callbacks(sel, run_dir / "checkpoints") if sel else []
+        trainer = _trainer(
+            cfg,
+            loggers,
+            [*_build_callbacks(cfg), *chosen, throughput, *guards],
+            trainer_overrides(sel) if sel else None,
+        )
         if cfg.train:
             ckpt = resolve_ckpt_path(cfg)
             if ckpt:
                 log.info("Resuming from %s", ckpt)
             _fit(cfg, trainer, method, datamodule, ckpt)
-        return _test_metrics(trainer, method, datamodule), trainer, None
+        if not sel:
+            return _test_metrics(trainer, method, datamodule), trainer, None
+        best = best_checkpoint(chosen, sel["monitor"])
+        if best is None:
+            raise ConfigValueError(
+                f"selection: no validation ran in {trainer.global_step} steps (every_n_steps="
+                f"{sel['every_n_steps']}); lower selection.every_n_steps or train longer."
+            )
+        chosen_record = selection_record(sel, chosen)
+        log.info(
+            "Selection: testing the checkpoint of step %s (%s=%.4g, %d validations%s)",
+            chosen_record["best_step"],
+            sel["monitor"],
+            chosen_record["best_value"],
+            len(chosen_record["checks"]),
+            ", stopped early" if chosen_record["stopped_early"] else "",
+        )
+        metrics = _test_metrics(trainer, method, datamodule, ckpt_path=best)
+        method.selection_record = chosen_record
+        return metrics, trainer, None
 
     rounds_file = run_dir / ROUNDS_FILE
     fresh = _fresh(cfg)

@@ -86,6 +86,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigValueError(
             f"method={cfg.method.name} is post-hoc (nothing to train); set train=false."
         )
+    from reprolab.selection import check_selection
+
+    check_selection(cfg)
     table = cfg.get("table_name") or (cfg.get("table") or {}).get("name")
     if table:
         from reprolab.tables.schema import validate_table
