@@ -5,12 +5,17 @@ Real datasets follow CoOp: k shots per class for train and min(k, 4) per class f
 have no data folder: their k-shot train is sampled the same way (uncached) and val is kept whole.
 Test sets whose labels live in a subset of the label space of the training classes (ImageNet-A/R,
 ObjectNet evaluated with a 1000-way ImageNet head) come with `test_index_groups`.
+
+`sampler` picks the train order: null (a shuffle per epoch), `group_balanced` (with replacement, item
+weight 1 / size of its group: group_DRO's `--reweight_groups`, SubpopBench's ReSample) or
+`class_balanced` (the same with classes). A split that lacks one of the data's groups is logged at
+setup and listed in `missing_groups`: its worst- and average-group accuracy are over the groups present.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ from reprolab.data.fewshot import check_shots, fewshot_cache_dir, fewshot_splits
 from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
 from reprolab.data.transforms import Preprocess, build_transforms
+from reprolab.errors import ConfigValueError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,58 @@ class EpochSeededSampler(Sampler[int]):
         # ints would be ~4 GB). The permutation is the same as one `tolist()` of it.
         for chunk in torch.randperm(self.n, generator=g).split(1 << 16):
             yield from chunk.tolist()
+
+
+SAMPLERS = (None, "group_balanced", "class_balanced")
+
+
+class WeightedEpochSampler(Sampler[int]):
+    """`len(weights)` indices drawn with replacement, index i with probability ∝ weights[i].
+
+    Like `EpochSeededSampler`, the draw depends only on (seed, epoch) (Lightning calls `set_epoch`),
+    so a resumed run sees the same indices as one that was never interrupted.
+    """
+
+    def __init__(self, weights: Sequence[float] | torch.Tensor, seed: int) -> None:
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if w.ndim != 1 or len(w) == 0 or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError("WeightedEpochSampler needs a non-empty 1-D tensor of weights >= 0.")
+        self.cum = torch.cumsum(w / w.sum(), 0)
+        self.n, self.seed, self.epoch = len(w), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        top = self.n - 1
+        for start in range(0, self.n, 1 << 16):
+            u = torch.rand(min(1 << 16, self.n - start), generator=g, dtype=torch.float64)
+            yield from torch.searchsorted(self.cum, u, right=True).clamp_(max=top).tolist()
+
+
+def balanced_weights(keys: Sequence[int]) -> torch.Tensor:
+    """Weight 1 / (number of items with the same key) per item: every key is drawn equally often."""
+    k = torch.as_tensor(list(keys), dtype=torch.long)
+    return 1.0 / torch.bincount(k).double()[k]
+
+
+def _split_groups(ds: Dataset) -> list[int] | None:
+    """Per-item groups of a built split (`_Transformed`, or `_CaptionPairs` over one), else None."""
+    if isinstance(ds, _CaptionPairs):
+        groups = _split_groups(ds.images)
+        t = ds.num_templates
+        return None if groups is None else [g for g in groups for _ in range(t)]
+    return getattr(getattr(ds, "split", None), "groups", None)
+
+
+def _split_labels(ds: Dataset) -> list[int]:
+    if isinstance(ds, _CaptionPairs):
+        return [y for y in _split_labels(ds.images) for _ in range(ds.num_templates)]
+    return list(ds.split.labels)
 
 
 class _Transformed(Dataset):
@@ -116,11 +174,22 @@ class ClassificationDataModule(TaskDataModule):
         val: bool = True,
         test_sets: list[str] | None = None,
         drop_last: bool = True,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.root = Path(root) if root else Path("data")
+        if sampler not in SAMPLERS:
+            raise ConfigValueError(
+                f"data={name}: sampler must be null, group_balanced or class_balanced, got {sampler!r}."
+            )
         self.spec: DatasetSpec = get_spec(dataset, **dict(dataset_kwargs or {}))
+        if sampler == "group_balanced" and not self.spec.num_groups:
+            raise ConfigValueError(
+                f"data={name}: sampler=group_balanced needs group labels and dataset {dataset} has "
+                "none (num_groups is null); use sampler=class_balanced or null."
+            )
+        self.sampler = sampler
         self.spec.check(self.root)
         self.num_shots = num_shots
         self.fewshot_seed = fewshot_seed
@@ -144,6 +213,7 @@ class ClassificationDataModule(TaskDataModule):
         self.caption_pairs = False
         self._splits: dict[str, Dataset] = {}
         self._shots_checked = False
+        self.missing_groups: dict[str, list[int]] = {}  # split -> groups absent from it (setup)
 
     @property
     def classnames(self) -> list[str]:
@@ -211,6 +281,7 @@ class ClassificationDataModule(TaskDataModule):
             self._splits["val"] = _Transformed(val, test_tf)
         for name in self.test_sets:
             self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
+        self._check_groups()
         sizes = {k: len(v) for k, v in self._splits.items()}
         log.info(
             "%s: %d classes, %s-shot, split sizes %s",
@@ -220,11 +291,45 @@ class ClassificationDataModule(TaskDataModule):
             sizes,
         )
 
+    def _check_groups(self) -> None:
+        """Log, and record in `missing_groups`, each split that lacks some of the data's groups."""
+        self.missing_groups = {}
+        k = self.num_groups
+        for split, ds in self._splits.items():
+            base = ds.images if isinstance(ds, _CaptionPairs) else ds  # pairs repeat its groups
+            groups = _split_groups(base) if k else None
+            if groups is None:
+                if split == "train" and self.sampler == "group_balanced":
+                    raise ConfigValueError(
+                        f"data={self.name}: sampler=group_balanced needs groups, and the train "
+                        "split has none; use sampler=class_balanced or null."
+                    )
+                continue
+            missing = sorted(set(range(k)) - set(groups))
+            if missing:
+                self.missing_groups[split] = missing
+                log.warning(
+                    "%s: split %s has no item of group(s) %s of %d (group = 2*y + a); its worst- and "
+                    "average-group accuracy are over the %d groups present",
+                    self.name,
+                    split,
+                    missing,
+                    k,
+                    k - len(missing),
+                )
+
+    def train_sampler(self, ds: Dataset) -> Sampler[int]:
+        """The train order: a seeded shuffle, or balanced draws with replacement (`sampler`)."""
+        if self.sampler is None:
+            return EpochSeededSampler(len(ds), self.fewshot_seed)
+        keys = _split_groups(ds) if self.sampler == "group_balanced" else _split_labels(ds)
+        return WeightedEpochSampler(balanced_weights(keys), self.fewshot_seed)
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(ds), self.fewshot_seed) if train else None,
+            sampler=self.train_sampler(ds) if train else None,
             drop_last=train and self.drop_last and len(ds) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
