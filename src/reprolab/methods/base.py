@@ -447,12 +447,20 @@ def _index_groups(test_sets: Iterable[TestSet], num_classes: int) -> list[list[l
     return out
 
 
+#: GroupAccuracy's `{"worst", "average"}` (fractions) as logged keys (percent). A MetricCollection
+#: flattens a metric's dict result into its keys, so they arrive as `worst` / `average`.
+_GROUP_KEYS = {"worst": "worst_group_acc", "average": "avg_group_acc"}
+
+
 def _to_log(values: dict[str, Any], prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in values.items():
-        if k == "group":  # GroupAccuracy: worst and average group (fractions -> percent)
-            out[f"{prefix}/worst_group_acc"] = 100.0 * float(v["worst"])
-            out[f"{prefix}/avg_group_acc"] = 100.0 * float(v["average"])
+        if k == "group":  # the unflattened form: {"worst", "average"}
+            for sub, key in _GROUP_KEYS.items():
+                out[f"{prefix}/{key}"] = 100.0 * float(v[sub])
+            continue
+        if k in _GROUP_KEYS:
+            out[f"{prefix}/{_GROUP_KEYS[k]}"] = 100.0 * float(v)
             continue
         v = float(v)
         out[f"{prefix}/{k}"] = 100.0 * v if k.endswith("acc") else v
