@@ -1,0 +1,146 @@
+"""A small MLP featurizer for vector-input group data (the SCER / ASGDRO specs' synthetic checks).
+
+Spec robustness_ood_prompting.md §1.8: "Featurizer: 2-layer MLP, 16-d". `MLPFeaturizer` stands in
+for an image backbone in the fine-tuning methods (`reprolab.methods.finetuning`): it publishes a
+`preprocess` (`VectorInput`: the data module serves rows of `input_dim` floats as they are),
+`encode_image(x) -> (B, feature_dim)`, `feature_dim`, `trainable` (`none | image`) and `parts()`,
+as `CLIPBackbone` / `TimmBackbone` do. The layout follows SubpopBench's / DomainBed's MLP
+featurizer: Linear -> activation (-> dropout) -> Linear, no activation on the output.
+
+It has no text tower: no zero-shot head, logit scale or text encoder. `zeroshot_weights` returns a
+NaN placeholder of the head's shape (C, feature_dim), because the fine-tuning methods size a fresh
+head from it (`FineTune.build_head`, `LinearProbe.setup`); every use of its values goes through
+`logit_scale` or `logits`, which raise a one-line `ConfigValueError` naming `head_init=random`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from reprolab.data.vector_groups import VectorInput
+from reprolab.errors import ConfigValueError
+from reprolab.utils.naming import unknown_name
+
+log = logging.getLogger(__name__)
+
+TRAINABLE: tuple[str, ...] = ("none", "image")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class MLPFeaturizer(nn.Module):
+    """x (B, input_dim) -> h (B, feature_dim): Linear, activation, dropout, Linear.
+
+    Initialised by PyTorch's default (the runner seeds it with `seed` before building the model).
+
+    Args:
+        name: config name (lands in hparams and metrics.json).
+        input_dim: width of the data's feature vectors (16 for `group_synth*`).
+        hidden_dim: hidden width.
+        feature_dim: output width, the embedding a head and SCER's regulariser read (16).
+        activation: `relu`, `gelu`, `elu`, `tanh` or `silu`.
+        dropout: dropout after the hidden activation (0: none).
+        trainable: `image` (trained with the method) or `none` (frozen: eval mode, no gradients,
+            out of checkpoints). There is no text tower, so `text` / `both` do not apply.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        input_dim: int = 16,
+        hidden_dim: int = 64,
+        feature_dim: int = 16,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        trainable: str = "image",
+    ) -> None:
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ConfigValueError(
+                f"model={name}: {unknown_name('trainable mode', trainable, TRAINABLE)} (an MLP "
+                "featurizer has no text tower). Set model.trainable=image or none."
+            )
+        if activation not in ACTIVATIONS:
+            raise ConfigValueError(
+                f"model={name}: " + unknown_name("activation", activation, ACTIVATIONS)
+            )
+        for key, v in (
+            ("input_dim", input_dim),
+            ("hidden_dim", hidden_dim),
+            ("feature_dim", feature_dim),
+        ):
+            if int(v) < 1:
+                raise ConfigValueError(f"model={name}: {key} must be >= 1, got {v}.")
+        self.name = name
+        self.input_dim, self.feature_dim = int(input_dim), int(feature_dim)
+        self.trainable = trainable
+        self.net = nn.Sequential(
+            nn.Linear(self.input_dim, int(hidden_dim)),
+            ACTIVATIONS[activation](),
+            nn.Dropout(float(dropout)),
+            nn.Linear(int(hidden_dim), self.feature_dim),
+        )
+        self.preprocess = VectorInput(self.input_dim)
+        self.requires_grad_(trainable != "none")
+        if trainable == "none":
+            self.eval()
+        log.info(
+            "Backbone %s (MLP %d-%d-%d, %s): trainable=%s, %d parameters",
+            name,
+            self.input_dim,
+            hidden_dim,
+            self.feature_dim,
+            activation,
+            trainable,
+            sum(p.numel() for p in self.parameters()),
+        )
+
+    def train(self, mode: bool = True) -> MLPFeaturizer:
+        # Frozen: eval mode (dropout off) whatever the parent module does.
+        return super().train(mode and self.trainable != "none")
+
+    def frozen_state_prefixes(self) -> list[str]:
+        """`[""]` (everything: rebuilt from `cfg.model`) when frozen, `[]` when it trains."""
+        return [""] if self.trainable == "none" else []
+
+    @property
+    def text_trainable(self) -> bool:
+        return False
+
+    def parts(self) -> dict[str, list[tuple[str, nn.Module]]]:
+        """`image`: the MLP; `text` and `scale` are empty (the `CLIPBackbone.parts` layout)."""
+        return {"image": [("net.", self.net)], "text": [], "scale": []}
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Embeddings of feature vectors (B, input_dim). (B, feature_dim)"""
+        return self.net(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    # -- no text tower --------------------------------------------------------------------------
+    def _no_text(self, what: str) -> ConfigValueError:
+        return ConfigValueError(
+            f"model={self.name} is an MLP featurizer without a text tower: it has no {what}, so a "
+            "zero-shot head cannot apply; start the head at random (method.head_init=random for "
+            "ft / lp_ft and the group methods, method.init=random for linear_probe)."
+        )
+
+    @torch.no_grad()
+    def zeroshot_weights(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+        """A NaN placeholder (C, feature_dim): the shape a fresh head needs, no values (no text)."""
+        device = next(self.parameters()).device
+        return torch.full((len(classnames), self.feature_dim), float("nan"), device=device)
+
+    @property
+    def logit_scale(self) -> float:
+        raise self._no_text("logit scale")
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        raise self._no_text("text encoder")
+
+    def logits(self, images: Tensor, weights: Tensor) -> Tensor:
+        raise self._no_text("zero-shot classifier")
