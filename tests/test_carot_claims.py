@@ -29,6 +29,8 @@ ROWS = (
     "lp_ft",
     "flyp",
     "wise_ft",  # after ft: it reads the ft run of its seed
+    "ft_long",
+    "wise_ft_long",  # after ft_long
     "flyp_long",
     "carot_long",
 )
@@ -70,11 +72,16 @@ def test_ft_gains_far_in_distribution_and_loses_a_shifted_set(runs) -> None:
 
 
 def test_wise_ft_beats_both_end_points_on_every_shifted_set(runs) -> None:
-    """(ii) WiSE-FT (alpha 0.5) >= 2 points above FT and above ZS on each shifted set (mean)."""
+    """(ii) WiSE-FT (alpha 0.5) of the 300-step FT >= 2 points above that FT and above ZS on each
+    shifted set (mean over seeds). Of the 150-step FT (row wise_ft) the midpoint gains 1.6-2.0
+    over ZS on small textured shapes: asserted at 1 point (WISE150_OVER_ZS)."""
     for t in SHIFTS:
-        wise = _mean(runs, "wise_ft", f"test/{t}/acc")
-        assert wise >= _mean(runs, "ft", f"test/{t}/acc") + 2, t
-        assert wise >= _mean(runs, "zeroshot", f"test/{t}/acc") + WISE_OVER_ZS, t
+        wise = _mean(runs, "wise_ft_long", f"test/{t}/acc")
+        assert wise >= _mean(runs, "ft_long", f"test/{t}/acc") + 2, t
+        assert wise >= _mean(runs, "zeroshot", f"test/{t}/acc") + 2, t
+        short = _mean(runs, "wise_ft", f"test/{t}/acc")
+        assert short >= _mean(runs, "ft", f"test/{t}/acc") + 2, t
+        assert short >= _mean(runs, "zeroshot", f"test/{t}/acc") + WISE150_OVER_ZS, t
 
 
 def test_some_alpha_beats_both_end_points_by_2_points_at_every_seed(runs) -> None:
@@ -107,10 +114,10 @@ def test_carot_is_better_calibrated_than_flyp_under_shift_at_no_accuracy_cost(ru
     assert _mean(runs, "carot_long", acc) >= _mean(runs, "flyp_long", acc) - 1
 
 
-# Measured at 96167c8 (results/carot_neurips24/tiny.md): WiSE-FT over ZS +6.7 on `anywhere` but only
-# +1.7 on `small, textured` (seeds +1.6 to +2.0; alpha 0.3 gives +2.9 there on seed 1): the issue's 2 points
-# hold on one shifted set; asserted at 1 point on both.
-WISE_OVER_ZS = 1.0
+# Measured at 96167c8 (results/carot_neurips24/tiny.md): WiSE-FT of the 150-step FT over ZS +6.7 on
+# `anywhere` but only +1.7 on `small, textured` (seeds +1.6 to +2.0): asserted at 1 point there; the
+# issue's 2 points are asserted on the 300-step pair.
+WISE150_OVER_ZS = 1.0
 
 
 def test_carot_raises_the_smallest_singular_value_of_id_features(runs) -> None:
