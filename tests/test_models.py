@@ -44,7 +44,7 @@ def _grads(bb: CLIPBackbone) -> dict[str, bool]:
 
 def test_unknown_trainable_mode_lists_choices() -> None:
     with pytest.raises(
-        ValueError, match=r"available: none, image, text, both \(did you mean 'image'"
+        ValueError, match=r"available: none, image, image_last, text, both \(did you mean 'image'"
     ):
         _clip("imag")
 
@@ -376,3 +376,44 @@ def test_timm_configs(config: str, dim: int) -> None:
     with torch.device("meta"):  # the full-size models are described, not allocated
         bb = hydra.utils.instantiate(cfg)
     assert bb.feature_dim == dim and bb.preprocess.image_size == 224
+
+
+@pytest.mark.parametrize(
+    ("arch", "last"),
+    [
+        ("ViT-B-16", ["visual.transformer.resblocks.11.", "visual.ln_post.", "visual.proj"]),
+        ("RN50", ["visual.attnpool."]),
+    ],
+)
+def test_image_last_splits_the_tower_so_every_key_has_one_owner(arch: str, last: list) -> None:
+    """`image_last`: the last stage is `image`, the rest of the tower `image_rest`, disjoint."""
+    import open_clip
+
+    from reprolab.models.clip import _split_last_stage, _split_parts
+
+    with torch.device("meta"):
+        model = open_clip.create_model(arch, device="meta")
+    parts = _split_last_stage(model, _split_parts(model))
+    assert parts["image"] == last
+    for key in model.state_dict():
+        owners = [part for part, prefixes in parts.items() for p in prefixes if key.startswith(p)]
+        assert len(owners) == 1, (key, owners)
+    assert "visual.transformer.resblocks.10." in parts["image_rest"] or arch == "RN50"
+
+
+def test_image_last_trains_only_the_last_stage_and_checkpoints_only_it() -> None:
+    bb = _clip("image_last")
+    trained = {n for n, p in bb.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.visual.attnpool.") for n in trained)
+    bb.train()
+    assert bb.model.visual.attnpool.training and not bb.model.visual.layer4.training
+    assert not bb.model.visual.bn1.training  # frozen BatchNorm keeps its statistics
+    frozen = bb.frozen_state_prefixes()
+    kept = [k for k in bb.state_dict() if not any(k.startswith(p) for p in frozen)]
+    assert sorted(kept) == sorted(
+        k for k in bb.state_dict() if k.startswith("model.visual.attnpool.")
+    )
+    loss = bb.encode_image(_images()).sum()
+    loss.backward()
+    assert bb.model.visual.attnpool.c_proj.weight.grad is not None
+    assert bb.model.visual.layer4[0].conv1.weight.grad is None

@@ -30,7 +30,7 @@ from reprolab.utils.naming import unknown_name
 
 log = logging.getLogger(__name__)
 
-TRAINABLE: tuple[str, ...] = ("none", "image", "text", "both")
+TRAINABLE: tuple[str, ...] = ("none", "image", "image_last", "text", "both")
 MAX_LOGIT_SCALE = 100.0
 _SCALE_PARAMS = ("logit_scale", "logit_bias")  # SigLIP models also learn a bias
 
@@ -68,7 +68,9 @@ class CLIPBackbone(nn.Module):
         cache_dir: where open_clip caches downloaded weights (`paths.weights_dir`).
         precision: `fp32` (the papers cast CLIP to fp32) or `fp16`/`bf16`.
         force_quick_gelu: None: QuickGELU for OpenAI weights only.
-        trainable: which towers train: `none` (frozen, the default), `image`, `text` or `both`.
+        trainable: which towers train: `none` (frozen, the default), `image`, `text` or `both`;
+            `image_last`: only the image tower's last stage (a ResNet's attention pool; a ViT's last
+            residual block, final LayerNorm and projection), the "last layer" of group robustness.
             Trained towers get gradients and follow the parent's train()/eval() mode; frozen ones
             stay in eval mode without gradients.
         train_logit_scale: train the logit scale (and a SigLIP logit bias). None: only when
@@ -113,6 +115,8 @@ class CLIPBackbone(nn.Module):
         )
         self.model.requires_grad_(False).eval()
         self._part_keys = _split_parts(self.model)
+        if trainable == "image_last":
+            self._part_keys = _split_last_stage(self.model, self._part_keys)
         parts = self.parts()
         for part in self._trained_parts():
             for _, obj in parts[part]:
@@ -147,7 +151,13 @@ class CLIPBackbone(nn.Module):
         )
 
     def _trained_parts(self) -> list[str]:
-        parts = {"none": [], "image": ["image"], "text": ["text"], "both": ["image", "text"]}
+        parts = {
+            "none": [],
+            "image": ["image"],
+            "image_last": ["image"],  # `image` is then the last stage; the rest is `image_rest`
+            "text": ["text"],
+            "both": ["image", "text"],
+        }
         return parts[self.trainable] + (["scale"] if self.train_logit_scale else [])
 
     @property
@@ -157,7 +167,7 @@ class CLIPBackbone(nn.Module):
     def parts(self) -> dict[str, list[tuple[str, nn.Module | Tensor]]]:
         """`image`, `text`, `scale`: (state-dict prefix relative to `self.model`, module/tensor)."""
         return {
-            part: [(key, getattr(self.model, key.rstrip("."))) for key in keys]
+            part: [(key, _resolve(self.model, key.rstrip("."))) for key in keys]
             for part, keys in self._part_keys.items()
         }
 
@@ -259,6 +269,53 @@ def _split_parts(model: nn.Module) -> dict[str, list[str]]:
         if n in persistent:
             parts["text"].append(n)
     return parts
+
+
+def _last_stage(visual: nn.Module) -> list[str]:
+    """Prefixes (relative to `visual`) of the image tower's last stage, for `image_last`."""
+    if hasattr(visual, "attnpool"):  # open_clip ModifiedResNet
+        return ["attnpool."]
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is not None:  # open_clip VisionTransformer
+        out = [f"transformer.resblocks.{len(blocks) - 1}."]
+        out += [f"{n}." for n in ("ln_post", "attn_pool") if getattr(visual, n, None) is not None]
+        return out + (["proj"] if getattr(visual, "proj", None) is not None else [])
+    raise ValueError(
+        f"model.trainable=image_last: no last stage known for {type(visual).__name__} (open_clip "
+        "ModifiedResNet and VisionTransformer are); use model.trainable=image."
+    )
+
+
+def _split_last_stage(model: nn.Module, parts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`image` -> the last stage's prefixes; the rest of the visual tower -> `image_rest`, as the
+    finest prefixes that contain no trained key (so a checkpoint keeps exactly the trained ones)."""
+    trained = [f"visual.{k}" for k in _last_stage(model.visual)]
+    rest: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for n, child in module.named_children():
+            key = f"{prefix}{n}."
+            if key in trained:
+                continue
+            if any(t.startswith(key) for t in trained):
+                walk(child, key)
+            else:
+                rest.append(key)
+        state = set(module.state_dict(keep_vars=True))
+        for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if f"{prefix}{n}" not in trained and n in state:
+                rest.append(f"{prefix}{n}")
+
+    walk(model.visual, "visual.")
+    return {**parts, "image": trained, "image_rest": rest}
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module | Tensor:
+    """A submodule, parameter or buffer of `model` by dotted path."""
+    obj: object = model
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj  # type: ignore[return-value]
 
 
 def _clear_head_cache(module: CLIPBackbone, incompatible_keys: object) -> None:

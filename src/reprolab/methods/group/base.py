@@ -97,7 +97,7 @@ class GroupMethod(FineTune):
 
     requires = ("classnames", "num_groups")
     #: CLIP-like and MLP backbones: `none` (linear head only) or `image`; timm: False / True.
-    trainable_modes: ClassVar[tuple[Any, ...]] = ("none", "image", False, True)
+    trainable_modes: ClassVar[tuple[Any, ...]] = ("none", "image", "image_last", False, True)
 
     def __init__(
         self,
