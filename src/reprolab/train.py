@@ -368,13 +368,15 @@ def _fit_and_test(
     for r in range(len(done), method.num_rounds):
         ckpt_dir = run_dir / "checkpoints" / f"round{r}"
         method.start_round(r, datamodule)
+        ckpt = resolve_ckpt_path(cfg, ckpt_dir) if cfg.train and not fresh else None
+        if ckpt:  # resuming inside round r: its own checkpoint, not the last round's weights
+            restore = []
         callbacks = [*_build_callbacks(cfg, ckpt_dir), throughput, *restore]
         trainer = _trainer(
             cfg, loggers, [*callbacks, *_guards(guard, ckpt_dir)], method.round_trainer_overrides(r)
         )
         restore = []
         if cfg.train:
-            ckpt = resolve_ckpt_path(cfg, ckpt_dir) if not fresh else None
             if ckpt:
                 log.info("Round %d: resuming from %s", r, ckpt)
             _fit(cfg, trainer, method, datamodule, ckpt)
