@@ -7,6 +7,7 @@ Layout (under the primary config dir, `configs/cells/`; see `configs/cells/READM
     cells/<grid>/rows/<row>.yaml  Hydra config, `# @package _global_`: one method (`override
                                   /method: ...`) and its dataset-independent hyperparameters
     cells/<grid>/cols/<col>.yaml  column spec (read here, not by Hydra): `data` (the data group),
+                                  `model` (the model group, optional),
                                   `table` (paper.table), `extends` (another column of the grid),
                                   `common` (values for every row), `rows` (values per row),
                                   `reported` (the paper's number per row)
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 #: Keys of a column spec.
-COL_KEYS = ("data", "table", "extends", "common", "rows", "reported")
+COL_KEYS = ("data", "model", "table", "extends", "common", "rows", "reported")
 GROUP = "experiment"
 
 
@@ -139,6 +140,7 @@ class Grids:
         cell = self.cells[name]
         chain = [self.cols[cell.grid][c] for c in reversed(self._chain(cell.grid, cell.col))]
         data = next((c["data"] for c in reversed(chain) if c["data"] is not None), None)
+        model = next((c["model"] for c in reversed(chain) if c["model"] is not None), None)
         table = next((c["table"] for c in reversed(chain) if c["table"] is not None), None)
         body = OmegaConf.create({})
         for spec in chain:  # most basic column first: a 32-shot column is its 16-shot one + values
@@ -155,6 +157,8 @@ class Grids:
         defaults: list[Any] = [f"/cells/{cell.grid}/grid", f"/cells/{cell.grid}/rows/{cell.row}"]
         if data is not None:
             defaults.append({"override /data": str(data)})
+        if model is not None:  # a column on another backbone (a row file may override it too)
+            defaults.append({"override /model": str(model)})
         defaults.append("_self_")
         out = OmegaConf.create({"defaults": defaults})
         return OmegaConf.merge(out, body, {"paper": paper})
