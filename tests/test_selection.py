@@ -62,6 +62,9 @@ def test_the_best_validation_checkpoint_is_the_one_tested(selected) -> None:
     first_best = values.index(max(values))  # ties: the earliest
     assert sel["best_step"] == checks[first_best]["step"] and sel["best_value"] == max(values)
     assert sel["stopped_early"] is False and sel["monitor"] == "val/acc"
+    # the chosen checkpoint's validation metrics are the run's val/* (what a search's select reads)
+    assert record["metrics"]["val/acc"] == sel["best_value"]
+    assert {"val/ece", "val/nll"} <= set(record["metrics"])
     (best,) = (Path(cfg.paths.run_dir) / "checkpoints" / "best").glob("*.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=False)
     assert state["global_step"] == sel["best_step"]

@@ -14,7 +14,9 @@ selection:
 
 The default `selection: null` leaves a run as before: the last step is tested. `metrics.json`
 gains `selection`: the rule, the best step and value, whether the run stopped early, and every
-validation (step, value), so the choice can be audited.
+validation (step, value), so the choice can be audited; the validation metrics of the chosen
+checkpoint (`val/...`) join the run's `metrics`, so a search's `select: {metric: val/...}` can
+compare trials.
 
 Ties keep the earliest checkpoint (Lightning's ModelCheckpoint replaces the best only on strict
 improvement). A killed run resumes from its last checkpoint with the best-so-far checkpoint, the
@@ -116,7 +118,12 @@ class SelectionHistory(L.Callback):
                 f"selection.monitor={self.monitor} was not logged by the validation pass "
                 f"(logged: {', '.join(sorted(trainer.callback_metrics)) or 'nothing'})."
             )
-        self.checks.append({"step": int(trainer.global_step), "value": float(value)})
+        val = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1
+        }
+        self.checks.append({"step": int(trainer.global_step), "value": float(value), "val": val})
 
     def state_dict(self) -> dict[str, Any]:
         return {"checks": list(self.checks)}
@@ -182,8 +189,9 @@ def selection_record(sel: dict[str, Any], callbacks: list[L.Callback]) -> dict[s
         **sel,
         "best_step": None if best is None else best["step"],
         "best_value": None if best is None else best["value"],
+        "best_val": {} if best is None else dict(best.get("val", {})),
         "stopped_early": stopped,
-        "checks": checks,
+        "checks": [{"step": c["step"], "value": c["value"]} for c in checks],
     }
 
 

@@ -346,6 +346,7 @@ def _fit_and_test(
             ", stopped early" if chosen_record["stopped_early"] else "",
         )
         metrics = _test_metrics(trainer, method, datamodule, ckpt_path=best)
+        metrics.update(chosen_record.pop("best_val"))  # the chosen checkpoint's val/* metrics
         method.selection_record = chosen_record
         return metrics, trainer, None
 
