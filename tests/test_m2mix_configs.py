@@ -68,7 +68,13 @@ def test_table_validates_with_its_groups_trial_count(table: str) -> None:
     assert spec.metric_of("gap") == "test/test/modality_gap"
 
 
-@pytest.mark.parametrize(("name", "group", "suffix", "col"), _cells(), ids=[c[0] for c in _cells()])
+@pytest.mark.parametrize(
+    ("name", "group", "suffix", "col"),
+    [  # every cell also composes in tests/test_configs.py: the coco half runs with `slow`
+        pytest.param(*c, id=c[0], marks=() if c[3] == "flickr30k" else pytest.mark.slow)
+        for c in _cells()
+    ],
+)
 def test_cell_composes_with_its_backbone_data_and_search(
     name: str, group: str, suffix: str, col: str, tmp_path: Path
 ) -> None:
