@@ -17,9 +17,25 @@ from reprolab.utils.config import CONFIG_DIR, compose_train, validate_config
 
 EXPERIMENTS = experiment_names(CONFIG_DIR)
 TABLES = sorted(p.stem for p in (CONFIG_DIR / "table").glob("*.yaml"))
+#: Grids whose cells have a config test file of their own (one column in the fast suite) and whose
+#: tables compose every cell in `test_table_composes`: here they run with `slow` only.
+SLOW_GRIDS = {"scer_iclr26", "asgdro_cvpr25"}
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+def _grid_of(name: str) -> str | None:
+    from hydra_plugins.reprolab_cells.grid import load
+
+    cell = load(CONFIG_DIR / "cells").cells.get(name)
+    return None if cell is None else cell.grid
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if _grid_of(n) in SLOW_GRIDS else n
+        for n in EXPERIMENTS
+    ],
+)
 def test_experiment_composes(name: str, tmp_path: Path) -> None:
     cfg = compose_train([f"experiment={name}", f"paths.log_dir={tmp_path}"])
     assert cfg.experiment_name == name
