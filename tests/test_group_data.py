@@ -373,7 +373,9 @@ def test_weighted_sampler_basics():
 
 
 def test_sampler_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigValueError, match="sampler must be null, group_balanced or class_balanced"):
+    with pytest.raises(
+        ConfigValueError, match="sampler must be null, group_balanced or class_balanced"
+    ):
         _dm(tmp_path, "groups")
     with pytest.raises(ConfigValueError, match="sampler=group_balanced needs group labels") as err:
         _dm(tmp_path, "group_balanced", dataset="shapes")
