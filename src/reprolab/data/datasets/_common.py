@@ -102,6 +102,34 @@ class Step:
                 marker.touch()
 
 
+def download_and_build(spec: Any, root: Path, label: str) -> None:
+    """Run `spec.steps` in its folder (each skips what is done), then `spec.build(root)`, then
+    `spec.check(root)`; a failure names what went wrong and the manual way (`spec.manual_text`)."""
+    ddir = spec.dataset_dir(root)
+    ddir.mkdir(parents=True, exist_ok=True)
+    try:
+        for step in spec.steps:
+            step.run(ddir)
+        spec.build(root)
+    except Exception as err:  # network, licence, missing optional tool
+        log.debug("%s", traceback.format_exc())
+        raise DataNotFoundError(
+            f"{label}: automatic preparation failed ({type(err).__name__}: {err}).\n"
+            + spec.manual_text(root)
+        ) from err
+    try:
+        spec.check(root)
+    except DataNotFoundError as err:
+        raise DataNotFoundError(f"{err}\n{spec.manual_text(root)}") from None
+
+
+def report_ready(spec: Any, root: Path, label: str) -> None:
+    """Verify the prepared tree (counts, files) and print where it is."""
+    spec._cache.clear()
+    found = spec.verify(root)
+    print(f"{label}: ready under {spec.dataset_dir(root)} {found}", flush=True)
+
+
 @dataclass
 class LocalSpec(DatasetSpec):
     """A dataset stored as files under `<root>/<folder>`.
@@ -242,25 +270,8 @@ class LocalSpec(DatasetSpec):
         if not ready:
             if not self.steps and type(self).build is LocalSpec.build:
                 raise DataNotFoundError(self.manual_text(root))
-            ddir = self.dataset_dir(root)
-            ddir.mkdir(parents=True, exist_ok=True)
-            try:
-                for step in self.steps:
-                    step.run(ddir)
-                self.build(root)
-            except Exception as err:  # network, licence, missing optional tool
-                log.debug("%s", traceback.format_exc())
-                raise DataNotFoundError(
-                    f"{self.name}: automatic preparation failed ({type(err).__name__}: {err}).\n"
-                    + self.manual_text(root)
-                ) from err
-            try:
-                self.check(root)
-            except DataNotFoundError as err:
-                raise DataNotFoundError(f"{err}\n{self.manual_text(root)}") from None
-        self._cache.clear()
-        found = self.verify(root)
-        print(f"{self.name}: ready under {self.dataset_dir(root)} {found}", flush=True)
+            download_and_build(self, root, self.name)
+        report_ready(self, root, self.name)
 
     def info(self) -> dict[str, Any]:
         """One row of `prepare_data.py --list`."""

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from PIL import Image
 
 from reprolab.data import sources
 from reprolab.data.captions import CaptionSpec, CaptionSplit
-from reprolab.data.datasets._common import Step
+from reprolab.data.datasets._common import Step, download_and_build, report_ready
 from reprolab.data.sources import CountMismatchError, check_counts
 from reprolab.data.spec import (
     DataNotFoundError,
@@ -510,25 +509,8 @@ class CaptionFilesSpec(CaptionSpec):
         if self._needs_download(root):
             if not self.steps:
                 raise DataNotFoundError(self.manual_text(root))
-            ddir = self.dataset_dir(root)
-            ddir.mkdir(parents=True, exist_ok=True)
-            try:
-                for step in self.steps:  # downloads and extractions are skipped when done
-                    step.run(ddir)
-                self.build(root)
-            except Exception as err:  # network, licence, missing optional tool
-                log.debug("%s", traceback.format_exc())
-                raise DataNotFoundError(
-                    f"{self.pname}: automatic preparation failed ({type(err).__name__}: {err}).\n"
-                    + self.manual_text(root)
-                ) from err
-            try:
-                self.check(root)
-            except DataNotFoundError as err:
-                raise DataNotFoundError(f"{err}\n{self.manual_text(root)}") from None
-        self._cache.clear()
-        found = self.verify(root)
-        print(f"{self.pname}: ready under {self.dataset_dir(root)} {found}", flush=True)
+            download_and_build(self, root, self.pname)
+        report_ready(self, root, self.pname)
 
     def info(self) -> dict[str, Any]:
         """One row of `prepare_data.py --list` (no classes: a caption dataset)."""
