@@ -221,12 +221,13 @@ def _check_values(name: str, col: Column, v: np.ndarray) -> None:
         )
 
 
-class _Rows(Dataset):
-    """Encoded rows of one split; indexed with a list of row indices (one batch per item)."""
+class Rows(Dataset):
+    """Tensors of one split with one row per sample (all of one length); indexed with a list of row
+    indices (one batch per item)."""
 
     def __init__(self, tensors: dict[str, Tensor]) -> None:
         self.tensors = tensors
-        self.n = len(tensors["x"])
+        self.n = len(next(iter(tensors.values())))
 
     def __len__(self) -> int:
         return self.n
@@ -236,13 +237,27 @@ class _Rows(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-class _EpochBatches(Sampler[list[int]]):
-    """Batches of row indices; shuffled per epoch from (seed, epoch) only, so a resumed run sees
-    the same order as an uninterrupted one (Lightning calls `set_epoch`)."""
+class EpochBatches(Sampler[list[int]]):
+    """Batches of row indices in an order that depends on (seed, epoch) only.
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> None:
+    Train: a permutation per epoch, or with `weights` (balanced sampling) n draws with replacement,
+    each row with probability proportional to its weight (group_DRO's `--reweight_groups`,
+    SubpopBench's ReSample). Lightning calls `set_epoch`, so a resumed run sees the same order as an
+    uninterrupted one. Eval: rows in order.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        weights: Tensor | None = None,
+    ) -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last = drop_last and n >= batch_size
+        self.weights = weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -254,7 +269,11 @@ class _EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            if self.weights is not None:
+                order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+            else:
+                order = torch.randperm(self.n, generator=g)
+            order = order.tolist()
         else:
             order = list(range(self.n))
         for b in range(len(self)):
@@ -313,7 +332,7 @@ class TabularDataModule(TaskDataModule):
         self.shuffle_seed = int(shuffle_seed)
         self.num_workers = int(num_workers)
         self.stats = self._train_stats()  # column -> (mean, std) of continuous columns
-        self._splits: dict[str, _Rows] = {}
+        self._splits: dict[str, Rows] = {}
 
     @property
     def info(self) -> TabularInfo:
@@ -367,7 +386,7 @@ class TabularDataModule(TaskDataModule):
         if self._splits:
             return
         for split in ("train", "val", *self.test_sets):
-            self._splits[split] = _Rows(self.encode(split))
+            self._splits[split] = Rows(self.encode(split))
         log.info(
             "%s: %d columns -> %d features, split sizes %s",
             self.name,
@@ -378,7 +397,7 @@ class TabularDataModule(TaskDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self._splits[split]
-        batches = _EpochBatches(
+        batches = EpochBatches(
             len(ds),
             self.batch_size if train else self.eval_batch_size,
             shuffle=train,

@@ -46,17 +46,18 @@ the model initialisation and the batch order (`shuffle_seed`), not the data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from reprolab.data.base import TaskDataModule
 from reprolab.data.info import ImageClassificationInfo, TestSet
+from reprolab.data.tabular import EpochBatches, Rows
 from reprolab.errors import ConfigValueError
 from reprolab.utils.naming import unknown_name
 
@@ -242,63 +243,6 @@ def load_vector_dataset(dataset: str, **kwargs: Any) -> VectorGroupData:
     return VECTOR_DATASETS[dataset](**kwargs)
 
 
-class _Rows(Dataset):
-    """The tensors of one split; indexed with a list of row indices (one batch per item)."""
-
-    def __init__(self, tensors: dict[str, Tensor]) -> None:
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors["label"])
-
-    def __getitem__(self, idx: list[int]) -> dict[str, Tensor]:
-        i = torch.as_tensor(idx)
-        return {k: v[i] for k, v in self.tensors.items()}
-
-
-class _EpochBatches(Sampler[list[int]]):
-    """Batches of row indices in an order that depends on (seed, epoch) only.
-
-    Train: a permutation per epoch, or with `weights` (balanced sampling) n draws with replacement,
-    each row with probability proportional to its weight (group_DRO's `--reweight_groups`,
-    SubpopBench's ReSample). Lightning calls `set_epoch`, so a resumed run sees the same order as an
-    uninterrupted one. Eval: rows in order.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool,
-        weights: Tensor | None = None,
-    ) -> None:
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last = drop_last and n >= batch_size
-        self.weights = weights
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            if self.weights is not None:
-                order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
-            else:
-                order = torch.randperm(self.n, generator=g)
-            order = order.tolist()
-        else:
-            order = list(range(self.n))
-        for b in range(len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
-
-
 class VectorGroupDataModule(TaskDataModule):
     """Train / val / test splits of a vector group dataset, held in memory; publishes an
     `ImageClassificationInfo` (class names, templates, test sets, `num_groups`).
@@ -362,7 +306,7 @@ class VectorGroupDataModule(TaskDataModule):
         self.num_workers = int(num_workers)
         self.drop_last = bool(drop_last)
         self.preprocess: VectorInput | None = None
-        self._splits: dict[str, _Rows] = {}
+        self._splits: dict[str, Rows] = {}
 
     @property
     def feature_dim(self) -> int:
@@ -398,7 +342,7 @@ class VectorGroupDataModule(TaskDataModule):
             return
         names = ["train", *(["val"] if self.use_val else []), *self.test_sets]
         for split in names:
-            self._splits[split] = _Rows(self.data.splits[split])
+            self._splits[split] = Rows(self.data.splits[split])
         log.info(
             "%s: %d-d vectors, %d groups, split sizes %s",
             self.name,
@@ -416,7 +360,7 @@ class VectorGroupDataModule(TaskDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self._splits[split]
-        batches = _EpochBatches(
+        batches = EpochBatches(
             len(ds),
             self.batch_size if train else self.eval_batch_size,
             shuffle=train,
