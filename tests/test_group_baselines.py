@@ -11,14 +11,12 @@ import functools
 import itertools
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from _group_helpers import BatchData, CountedBatchData, Featurizer, fit_batches, toy_info
 
-from reprolab.data.info import ImageClassificationInfo, TaskInfoError
+from reprolab.data.info import TaskInfoError
 from reprolab.errors import ConfigValueError
 from reprolab.methods.group.coral import CORAL, coral_distance, coral_penalty
 from reprolab.methods.group.irm import IRM, batch_attributes, irm_penalty, irm_terms
@@ -48,40 +46,6 @@ def _np_irm_grad(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean((p * logits).sum(1) - logits[np.arange(len(labels)), labels]))
 
 
-class _Featurizer(nn.Module):
-    """A trainable 3 -> 4 featurizer with the backbone surface the methods read."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.name, self.trainable, self.feature_dim, self.preprocess = "toy", "image", 4, None
-        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class _Data(L.LightningDataModule):
-    """Batches as they are; no train group counts."""
-
-    def __init__(self, batches: list[dict], counts: list[float] | None = None) -> None:
-        super().__init__()
-        self.batches, self.counts, self.name = batches, counts, "toy"
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches, batch_size=None)
-
-
-class _CountedData(_Data):
-    def train_group_counts(self) -> list[float] | None:
-        return self.counts
-
-
-def _info(num_groups: int | None) -> ImageClassificationInfo:
-    return ImageClassificationInfo(
-        name="toy", classnames=("a", "b"), templates=("{}",), num_groups=num_groups
-    )
-
-
 def _batch(n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     """Labels and attributes with every group present; g = 2y + a."""
     g = torch.Generator().manual_seed(seed)
@@ -94,25 +58,15 @@ def _batch(n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _build(cls, **kw):
     torch.manual_seed(0)
-    m = cls(name=cls.__name__.lower(), model=_Featurizer(), info=_info(4), optimizer=SGD, **kw)
+    m = cls(name=cls.__name__.lower(), model=Featurizer(), info=toy_info(4), optimizer=SGD, **kw)
     m.head = m.build_head("random")
     return m
 
 
 def _fit_one(method, batches: list[dict], counts: list[float] | None = None) -> dict:
     """Fit on `batches` (lr 0: the weights stay); the values logged at the last step."""
-    trainer = L.Trainer(
-        max_steps=len(batches),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    dm = _Data(batches) if counts is None else _CountedData(batches, counts)
-    trainer.fit(method, datamodule=dm)
+    dm = BatchData(batches) if counts is None else CountedBatchData(batches, counts)
+    trainer = fit_batches(method, dm)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -156,7 +110,7 @@ def test_reweight_weights_and_loss_match_a_hand_computation() -> None:
 
 def test_resample_requires_the_group_balanced_sampler_in_one_line() -> None:
     m = _build(ReSample)
-    dm = _Data([_batch()])
+    dm = BatchData([_batch()])
     for sampler in (None, "class_balanced"):
         dm.sampler = sampler
         with pytest.raises(ConfigValueError, match=r"data\.sampler=group_balanced") as e:
@@ -425,7 +379,7 @@ ALL = (ReSample, ReWeight, Mixup, LISA, IRM, CORAL)
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
 def test_on_data_without_groups_each_fails_at_build_in_one_line(cls) -> None:
     with pytest.raises(TaskInfoError) as e:
-        cls(name="m", model=_Featurizer(), info=_info(None), optimizer=SGD)
+        cls(name="m", model=Featurizer(), info=toy_info(None), optimizer=SGD)
     assert (
         "\n" not in str(e.value) and "'num_groups'" in str(e.value) and "data=toy" in str(e.value)
     )
@@ -434,10 +388,10 @@ def test_on_data_without_groups_each_fails_at_build_in_one_line(cls) -> None:
 @pytest.mark.parametrize("cls", (LISA, IRM, CORAL), ids=lambda c: c.__name__)
 def test_attribute_methods_need_groups_laid_out_as_label_times_attribute(cls) -> None:
     with pytest.raises(ConfigValueError, match="multiple of the number of classes") as e:
-        cls(name="m", model=_Featurizer(), info=_info(3), optimizer=SGD)
+        cls(name="m", model=Featurizer(), info=toy_info(3), optimizer=SGD)
     assert "\n" not in str(e.value)
     if cls is not LISA:  # environments = groups needs no attribute
-        cls(name="m", model=_Featurizer(), info=_info(3), optimizer=SGD, environments="group")
+        cls(name="m", model=Featurizer(), info=toy_info(3), optimizer=SGD, environments="group")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ import functools
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from _group_helpers import CountedBatchData, Featurizer, fit_batches, toy_info
 from torch import nn
-from torch.utils.data import DataLoader
 
-from reprolab.data.info import ImageClassificationInfo, TaskInfoError
+from reprolab.data.info import TaskInfoError
 from reprolab.methods.group.asgdro import ASGDRO
 from reprolab.methods.group.erm import ERM
 from reprolab.methods.group.groupdro import GroupDRO, GroupWeights, update_group_weights
@@ -211,37 +210,6 @@ def test_frozen_bn_stats_stops_running_statistics_only_inside_the_block() -> Non
 # The methods, on a small featurizer with Lightning
 
 
-class _Featurizer(nn.Module):
-    """A trainable 3 -> 4 featurizer with the backbone surface the methods read."""
-
-    def __init__(self, bn: bool = False) -> None:
-        super().__init__()
-        self.name, self.trainable, self.feature_dim, self.preprocess = "toy", "image", 4, None
-        layers = [nn.Linear(3, 4), *([nn.BatchNorm1d(4)] if bn else []), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class _Data(L.LightningDataModule):
-    def __init__(self, batches: list[dict], counts: list[float]) -> None:
-        super().__init__()
-        self.batches, self.counts = batches, counts
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches, batch_size=None)
-
-    def train_group_counts(self) -> list[float]:
-        return self.counts
-
-
-def _info(num_groups: int | None) -> ImageClassificationInfo:
-    return ImageClassificationInfo(
-        name="toy", classnames=("a", "b"), templates=("{}",), num_groups=num_groups
-    )
-
-
 def _batches(num_groups: int, n: int = 3, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -259,18 +227,7 @@ def _fit(method, batches: list[dict], counts: list[float], seed: int = 0):
     if method.head is None:
         torch.manual_seed(seed)
         method.head = method.build_head("random")
-    trainer = L.Trainer(
-        max_steps=len(batches),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(method, datamodule=_Data(batches, counts))
-    return trainer
+    return fit_batches(method, CountedBatchData(batches, counts))
 
 
 SGD = functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=1e-3)
@@ -282,11 +239,11 @@ def _params(m) -> dict[str, torch.Tensor]:
 
 def test_asgdro_at_rho_zero_is_groupdro() -> None:
     torch.manual_seed(1)
-    net = _Featurizer(bn=True)
+    net = Featurizer(bn=True)
     batches, counts = _batches(4), [40.0, 10.0, 5.0, 45.0]
     dro_kw = {"eta": 0.5, "adjustment": 1.0, "update_absent": True, "optimizer": SGD}
-    a = GroupDRO(name="groupdro", model=copy.deepcopy(net), info=_info(4), **dro_kw)
-    b = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=_info(4), rho=0.0, **dro_kw)
+    a = GroupDRO(name="groupdro", model=copy.deepcopy(net), info=toy_info(4), **dro_kw)
+    b = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=toy_info(4), rho=0.0, **dro_kw)
     ta, tb = _fit(a, batches, counts), _fit(b, batches, counts)
     assert ta.global_step == tb.global_step == 3
     pa, pb = _params(a), _params(b)
@@ -296,14 +253,14 @@ def test_asgdro_at_rho_zero_is_groupdro() -> None:
     torch.testing.assert_close(a.dro.q, b.dro.q)
     assert not torch.allclose(a.dro.q, torch.full((4,), 0.25))  # q moved
     torch.testing.assert_close(a.backbone.net[1].running_mean, b.backbone.net[1].running_mean)
-    c = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=_info(4), rho=0.5, **dro_kw)
+    c = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=toy_info(4), rho=0.5, **dro_kw)
     _fit(c, batches, counts)
     assert not torch.allclose(_params(c)["head.weight"], pa["head.weight"])  # ρ > 0 does differ
 
 
 def test_asgdro_with_one_group_is_asam_and_the_scheduler_and_clipping_apply() -> None:
     torch.manual_seed(2)
-    net = _Featurizer(bn=True)
+    net = Featurizer(bn=True)
     batches = _batches(1)
     sched = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda s: 0.5**s)
     kw = {
@@ -313,9 +270,9 @@ def test_asgdro_with_one_group_is_asam_and_the_scheduler_and_clipping_apply() ->
         "optimizer": SGD,
         "scheduler": sched,
     }
-    a = ASAMMethod(name="asam", model=copy.deepcopy(net), info=_info(1), **kw)
+    a = ASAMMethod(name="asam", model=copy.deepcopy(net), info=toy_info(1), **kw)
     b = ASGDRO(
-        name="asgdro", model=copy.deepcopy(net), info=_info(1), eta=0.5, adjustment=0.0, **kw
+        name="asgdro", model=copy.deepcopy(net), info=toy_info(1), eta=0.5, adjustment=0.0, **kw
     )
     ta = _fit(a, batches, [24.0])
     _fit(b, batches, [24.0])
@@ -329,7 +286,7 @@ def test_asgdro_with_one_group_is_asam_and_the_scheduler_and_clipping_apply() ->
     c = SAMMethod(
         name="sam",
         model=copy.deepcopy(net),
-        info=_info(1),
+        info=toy_info(1),
         rho=0.1,
         grad_clip=1e-3,
         optimizer=functools.partial(torch.optim.SGD, lr=1.0),
@@ -345,11 +302,11 @@ def test_asgdro_with_one_group_is_asam_and_the_scheduler_and_clipping_apply() ->
 def test_bn_running_statistics_are_updated_once_per_two_pass_step() -> None:
     """Pass 1 at w updates BatchNorm's running statistics; pass 2 at w + ε does not."""
     torch.manual_seed(3)
-    net = _Featurizer(bn=True)
+    net = Featurizer(bn=True)
     batches = _batches(4, n=1)
     ref = copy.deepcopy(net).train()
     ref.encode_image(batches[0]["image"])  # one train-mode pass at the initial w
-    m = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=_info(4), rho=0.5, optimizer=SGD)
+    m = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=toy_info(4), rho=0.5, optimizer=SGD)
     _fit(m, batches, [1.0] * 4)
     bn, bn_ref = m.backbone.net[1], ref.net[1]
     assert int(bn.num_batches_tracked) == 1
@@ -361,7 +318,7 @@ def test_bn_running_statistics_are_updated_once_per_two_pass_step() -> None:
 def test_group_method_on_data_without_groups_fails_at_build_in_one_line() -> None:
     for cls in (ERM, GroupDRO, ASGDRO):
         with pytest.raises(TaskInfoError) as e:
-            cls(name="erm", model=_Featurizer(), info=_info(None), optimizer=SGD)
+            cls(name="erm", model=Featurizer(), info=toy_info(None), optimizer=SGD)
         msg = str(e.value)
         assert "\n" not in msg and "'num_groups'" in msg and "data=toy" in msg
 
@@ -370,7 +327,7 @@ def test_zeroshot_head_needs_a_text_tower() -> None:
     from reprolab.errors import ConfigValueError
 
     with pytest.raises(ConfigValueError, match=r"head_init=random") as e:
-        ERM(name="erm", model=_Featurizer(), info=_info(4), head_init="zeroshot", optimizer=SGD)
+        ERM(name="erm", model=Featurizer(), info=toy_info(4), head_init="zeroshot", optimizer=SGD)
     assert "\n" not in str(e.value)
 
 

@@ -19,45 +19,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _group_helpers import BatchData, Featurizer, fit_batches, toy_info
 from torch import nn
-from torch.utils.data import DataLoader
 
-from reprolab.data.info import ImageClassificationInfo, TaskInfoError
+from reprolab.data.info import TaskInfoError
 from reprolab.errors import ConfigValueError
 from reprolab.methods.group.groupdro import GroupDRO
 from reprolab.methods.group.scer import SCER
 from reprolab.methods.group.scer_math import scer_embedding_loss
 
 LOG_WARNING = "ignore:You are trying to `self.log\\(\\)`"
-
-
-class _Featurizer(nn.Module):
-    """A trainable 3 -> 4 featurizer with the backbone surface the group methods read."""
-
-    def __init__(self, trainable: str = "image") -> None:
-        super().__init__()
-        self.name, self.trainable, self.feature_dim, self.preprocess = "toy", trainable, 4, None
-        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-        self.requires_grad_(trainable != "none")
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class _Data(L.LightningDataModule):
-    def __init__(self, batches: list[dict]) -> None:
-        super().__init__()
-        self.batches = batches
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches, batch_size=None)
-
-
-def _info(num_groups: int | None, classes: int = 2) -> ImageClassificationInfo:
-    names = tuple("abcdef"[:classes])
-    return ImageClassificationInfo(
-        name="toy", classnames=names, templates=("{}",), num_groups=num_groups
-    )
 
 
 FULL = [0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3]  # all four groups, minorities 1 and 2
@@ -75,18 +46,7 @@ def _fit(method, batches: list[dict], seed: int = 0) -> L.Trainer:
     if method.head is None:
         torch.manual_seed(seed)
         method.head = method.build_head("random")
-    trainer = L.Trainer(
-        max_steps=len(batches),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(method, datamodule=_Data(batches))
-    return trainer
+    return fit_batches(method, BatchData(batches))
 
 
 SGD_MOM = functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9, weight_decay=1e-3)
@@ -95,12 +55,12 @@ SGD_PLAIN = functools.partial(torch.optim.SGD, lr=0.5)
 
 def _pair(net: nn.Module, optimizer=SGD_MOM, **scer_kw) -> tuple[GroupDRO, SCER]:
     dro = GroupDRO(
-        name="groupdro", model=copy.deepcopy(net), info=_info(4), eta=0.5, optimizer=optimizer
+        name="groupdro", model=copy.deepcopy(net), info=toy_info(4), eta=0.5, optimizer=optimizer
     )
     scer = SCER(
         name="scer",
         model=copy.deepcopy(net),
-        info=_info(4),
+        info=toy_info(4),
         eta=0.5,
         optimizer=optimizer,
         **scer_kw,
@@ -115,7 +75,7 @@ def _params(m) -> dict[str, torch.Tensor]:
 def test_zero_lambdas_give_groupdro_steps_exactly() -> None:
     torch.manual_seed(0)
     batches = [_batch(FULL, 1), _batch(MISSING, 2), _batch(FULL, 3), _batch(FULL, 4)]
-    dro, scer = _pair(_Featurizer(), lambda_spurious=0.0, lambda_core=0.0)
+    dro, scer = _pair(Featurizer(), lambda_spurious=0.0, lambda_core=0.0)
     _fit(dro, batches)
     _fit(scer, batches)
     pa, pb = _params(dro), _params(scer)
@@ -129,7 +89,7 @@ def test_zero_lambdas_give_groupdro_steps_exactly() -> None:
 
 def test_embedding_loss_gradient_reaches_the_featurizer_and_not_the_closed_form_head() -> None:
     torch.manual_seed(1)
-    net = _Featurizer()
+    net = Featurizer()
     batch = _batch(FULL, 5)
     dro, scer = _pair(net, optimizer=SGD_PLAIN)
     _fit(dro, [batch])
@@ -161,7 +121,7 @@ def test_embedding_loss_gradient_reaches_the_featurizer_and_not_the_closed_form_
 @pytest.mark.filterwarnings(LOG_WARNING)
 def test_a_batch_missing_a_group_reuses_the_previous_embedding_loss_detached() -> None:
     torch.manual_seed(2)
-    net = _Featurizer()
+    net = Featurizer()
     full, missing = _batch(FULL, 6), _batch(MISSING, 7)
 
     # no full batch yet: L_emb = 0 and the steps are GroupDRO's
@@ -199,7 +159,7 @@ def test_a_batch_missing_a_group_reuses_the_previous_embedding_loss_detached() -
 def test_multinli_layout_groups_beyond_binary_y_are_in_l_dro_only() -> None:
     """3 classes × 2 attributes (6 groups): groups 4, 5 enter L_dro (and q) but not Δ, Δ0, a0."""
     torch.manual_seed(3)
-    m = SCER(name="scer", model=_Featurizer(), info=_info(6, classes=3), optimizer=SGD_PLAIN)
+    m = SCER(name="scer", model=Featurizer(), info=toy_info(6, classes=3), optimizer=SGD_PLAIN)
     torch.manual_seed(0)
     m.head = m.build_head("random")
     batch = _batch([*FULL, 4, 4, 5, 5, 5], 9)
@@ -213,27 +173,27 @@ def test_multinli_layout_groups_beyond_binary_y_are_in_l_dro_only() -> None:
 
 def test_build_time_errors_are_one_line() -> None:
     with pytest.raises(TaskInfoError) as e:  # data without groups
-        SCER(name="scer", model=_Featurizer(), info=_info(None), optimizer=SGD_PLAIN)
+        SCER(name="scer", model=Featurizer(), info=toy_info(None), optimizer=SGD_PLAIN)
     assert (
         "\n" not in str(e.value) and "'num_groups'" in str(e.value) and "data=toy" in str(e.value)
     )
     cases = [
-        ({"info": _info(3)}, r"has 3 groups"),  # not 2·y + a
-        ({"info": _info(8)}, r"4 groups for 2 classes"),
-        ({"info": _info(6, classes=3), "beta_source": "head"}, r"beta_source=closed_form"),
-        ({"info": _info(4), "beta_source": "learned"}, r"beta_source must be one of"),
-        ({"info": _info(4), "model": _Featurizer("none")}, r"model.trainable=image"),
+        ({"info": toy_info(3)}, r"has 3 groups"),  # not 2·y + a
+        ({"info": toy_info(8)}, r"4 groups for 2 classes"),
+        ({"info": toy_info(6, classes=3), "beta_source": "head"}, r"beta_source=closed_form"),
+        ({"info": toy_info(4), "beta_source": "learned"}, r"beta_source must be one of"),
+        ({"info": toy_info(4), "model": Featurizer("none")}, r"model.trainable=image"),
     ]
     for kw, pattern in cases:
-        kw = {"model": _Featurizer(), "optimizer": SGD_PLAIN, **kw}
+        kw = {"model": Featurizer(), "optimizer": SGD_PLAIN, **kw}
         with pytest.raises(ConfigValueError, match=pattern) as e:
             SCER(name="scer", **kw)
         assert "\n" not in str(e.value)
     # a frozen featurizer is fine when β comes from the (trained) head
     SCER(
         name="scer",
-        model=_Featurizer("none"),
-        info=_info(4),
+        model=Featurizer("none"),
+        info=toy_info(4),
         beta_source="head",
         optimizer=SGD_PLAIN,
     )
@@ -241,7 +201,7 @@ def test_build_time_errors_are_one_line() -> None:
 
 @pytest.mark.filterwarnings(LOG_WARNING)
 def test_groups_that_are_not_two_y_plus_a_fail_in_one_line() -> None:
-    m = SCER(name="scer", model=_Featurizer(), info=_info(4), optimizer=SGD_PLAIN)
+    m = SCER(name="scer", model=Featurizer(), info=toy_info(4), optimizer=SGD_PLAIN)
     m.head = m.build_head("random")
     batch = _batch(FULL, 10)
     batch["label"] = 1 - batch["label"]
