@@ -11,13 +11,8 @@ fine-tuning in miniature") and the issue's closing note.
 
 from __future__ import annotations
 
-import os
-import statistics
-
 import pytest
-
-from reprolab.train import run
-from reprolab.utils.config import compose_train
+from _claims import seed_mean, table_runs
 
 pytestmark = pytest.mark.slow
 
@@ -39,26 +34,13 @@ SHIFTS = ("test_anywhere", "test_small_textured")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple[str, int], dict[str, float]]:
-    log = os.environ.get("CAROT_TINY_LOGS") or str(tmp_path_factory.mktemp("carot_tiny"))
-    out = {}
-    for row in ROWS:
-        for seed in SEEDS:
-            cfg = compose_train(
-                [
-                    f"experiment={row}_robust_shapes",
-                    f"seed={seed}",
-                    f"paths.log_dir={log}",
-                    "logger=csv",
-                    "progress_bar=false",
-                    "threads=1",
-                ]
-            )
-            out[row, seed] = run(cfg)["metrics"]
-    return out
+    return table_runs(
+        ROWS, "robust_shapes", SEEDS, "CAROT_TINY_LOGS", tmp_path_factory.mktemp("carot_tiny")
+    )
 
 
 def _mean(runs, row: str, key: str) -> float:
-    return statistics.fmean(runs[row, s][key] for s in SEEDS)
+    return seed_mean(runs, row, key, SEEDS)
 
 
 def test_ft_gains_far_in_distribution_and_loses_a_shifted_set(runs) -> None:

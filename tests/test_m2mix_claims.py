@@ -13,16 +13,12 @@ that of the (image, caption 0) embeddings of the 1,000 held-out test scenes.
 
 from __future__ import annotations
 
-import os
-import statistics
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _claims import seed_mean, table_runs
 
 from reprolab.metrics.retrieval import uniformity
-from reprolab.train import run
-from reprolab.utils.config import compose_train
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +29,13 @@ T = "test/test/"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple[str, int], dict[str, float]]:
-    log = os.environ.get("M2MIX_TINY_LOGS") or str(tmp_path_factory.mktemp("m2mix_tiny"))
-    out = {}
-    for row in ROWS:
-        for seed in SEEDS:
-            cfg = compose_train(
-                [
-                    f"experiment={row}_scenes",
-                    f"seed={seed}",
-                    f"paths.log_dir={log}",
-                    "logger=csv",
-                    "progress_bar=false",
-                    "threads=1",
-                ]
-            )
-            out[row, seed] = run(cfg)["metrics"]
-    return out
+    return table_runs(
+        ROWS, "scenes", SEEDS, "M2MIX_TINY_LOGS", tmp_path_factory.mktemp("m2mix_tiny")
+    )
 
 
 def _mean(runs, row: str, key: str) -> float:
-    return statistics.fmean(runs[row, s][key] for s in SEEDS)
+    return seed_mean(runs, row, key, SEEDS)
 
 
 def test_pretrained_embeddings_sit_apart_and_are_far_from_uniform(runs) -> None:
