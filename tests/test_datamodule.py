@@ -93,6 +93,39 @@ def test_synthetic_spec_kshot_without_a_data_folder(tmp_path):
     assert batch["image"].shape[1:] == (3, 4, 4)
 
 
+def _batches(loader) -> list[dict]:
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
+
+
+def test_cache_images_serves_the_uncached_batches_and_is_reused_in_process(tmp_path, monkeypatch):
+    from reprolab.data import datamodule as dmod
+
+    monkeypatch.setattr(dmod, "_SPLIT_CACHE", dmod.OrderedDict())
+    kw = {"num_shots": 4, "fewshot_seed": 1, "val": True, "train_augment": False}
+    plain = _dm(tmp_path, "shapes", **kw)
+    cached = _dm(tmp_path, "shapes", cache_images=True, **kw)
+    for a, b in (
+        (plain.train_dataloader(), cached.train_dataloader()),
+        (plain.val_dataloader(), cached.val_dataloader()),
+        (plain.test_dataloader()[1], cached.test_dataloader()[1]),
+    ):
+        for x, y in zip(_batches(a), _batches(b), strict=True):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k]
+    assert isinstance(cached._splits["train"], dmod._Materialized)
+    # a second data module of the same key reuses the tensors; another seed's k-shot does not
+    again = _dm(tmp_path, "shapes", cache_images=True, **kw)
+    assert again._splits["val"] is cached._splits["val"]
+    other = _dm(tmp_path, "shapes", cache_images=True, **{**kw, "fewshot_seed": 2})
+    assert other._splits["train"] is not cached._splits["train"]
+    # augmented train items are random: transformed on the fly, never cached
+    aug = _dm(tmp_path, "shapes", cache_images=True, **{**kw, "train_augment": True})
+    assert isinstance(aug._splits["train"], dmod._Transformed)
+    assert isinstance(aug._splits["val"], dmod._Materialized)
+    assert len(dmod._SPLIT_CACHE) <= dmod._SPLIT_CACHE_SIZE
+
+
 # ------------------------------------------------------------------------------------------------
 # Per-test-set label spaces
 

@@ -10,11 +10,19 @@ ObjectNet evaluated with a 1000-way ImageNet head) come with `test_index_groups`
 weight 1 / size of its group: group_DRO's `--reweight_groups`, SubpopBench's ReSample) or
 `class_balanced` (the same with classes). A split that lacks one of the data's groups is logged at
 setup and listed in `missing_groups`: its worst- and average-group accuracy are over the groups present.
+
+`cache_images: true` transforms every item of a split once and keeps the tensors for the life of the
+process, keyed by everything they depend on (dataset and its kwargs, root, shots, preprocess, ...),
+so a multirun in one process (the local launcher) builds each split once for all its jobs. Only
+splits with deterministic transforms are cached (val and test; train when `train_augment` is off and
+no caption pairs), so the batches are the ones an uncached run sees. It costs the tensors' memory
+(3·H·W floats per item): meant for the in-memory synthetic data, not for full-size datasets.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +130,29 @@ class _Transformed(Dataset):
         return item
 
 
+class _Materialized(Dataset):
+    """A `_Transformed` split with every item transformed once, held as tensors (`cache_images`)."""
+
+    def __init__(self, ds: _Transformed) -> None:
+        self.split = ds.split
+        items = [ds[i] for i in range(len(ds))]
+        self.images = torch.stack([it.pop("image") for it in items]) if items else None
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.items[i])
+        item["image"] = self.images[i]
+        return item
+
+
+# cache_images: materialised splits per key (`ClassificationDataModule._cache_key`), most recent last.
+_SPLIT_CACHE: OrderedDict[tuple, dict[str, Dataset]] = OrderedDict()
+_SPLIT_CACHE_SIZE = 4
+
+
 class _CaptionPairs(Dataset):
     """The (image, template) product of a train split: item k is image k // T with template k % T.
 
@@ -175,9 +206,13 @@ class ClassificationDataModule(TaskDataModule):
         test_sets: list[str] | None = None,
         drop_last: bool = True,
         sampler: str | None = None,
+        cache_images: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
+        self.dataset = dataset
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.cache_images = bool(cache_images)
         self.root = Path(root) if root else Path("data")
         if sampler not in SAMPLERS:
             raise ConfigValueError(
@@ -265,6 +300,13 @@ class ClassificationDataModule(TaskDataModule):
             )
         if self._splits:
             return
+        key = self._cache_key() if self.cache_images else None
+        if key is not None and key in _SPLIT_CACHE:
+            _SPLIT_CACHE.move_to_end(key)
+            self._splits = dict(_SPLIT_CACHE[key])
+            self._check_groups()
+            log.info("%s: transformed splits reused from this process (cache_images)", self.name)
+            return
         # CoOp's val subset only where there is a data folder to cache it in (real datasets).
         real = fewshot_cache_dir(self.spec, self.root) is not None
         parts = fewshot_splits(
@@ -281,6 +323,8 @@ class ClassificationDataModule(TaskDataModule):
             self._splits["val"] = _Transformed(val, test_tf)
         for name in self.test_sets:
             self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
+        if key is not None:
+            self._materialize(key)
         self._check_groups()
         sizes = {k: len(v) for k, v in self._splits.items()}
         log.info(
@@ -290,6 +334,32 @@ class ClassificationDataModule(TaskDataModule):
             self.num_shots,
             sizes,
         )
+
+    def _cache_key(self) -> tuple:
+        """Everything the transformed splits depend on (`cache_images`)."""
+        return (
+            self.dataset,
+            repr(sorted(self.dataset_kwargs.items())),
+            str(self.root),
+            self.num_shots,
+            None if self.num_shots is None else self.fewshot_seed,
+            self.use_val,
+            tuple(self.test_sets),
+            self.preprocess,
+            self.train_augment,
+            self.caption_pairs,
+        )
+
+    def _materialize(self, key: tuple) -> None:
+        """Transform every item of the deterministic splits once and keep them for this process."""
+        for split, ds in list(self._splits.items()):
+            if split == "train" and (self.train_augment or self.caption_pairs):
+                continue  # random per epoch: transformed on the fly
+            if isinstance(ds, _Transformed):
+                self._splits[split] = _Materialized(ds)
+        _SPLIT_CACHE[key] = dict(self._splits)
+        while len(_SPLIT_CACHE) > _SPLIT_CACHE_SIZE:
+            _SPLIT_CACHE.popitem(last=False)
 
     def _check_groups(self) -> None:
         """Log, and record in `missing_groups`, each split that lacks some of the data's groups."""
@@ -336,7 +406,7 @@ class ClassificationDataModule(TaskDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if not self._shots_checked:
+        if not self._shots_checked and self.num_shots is not None:
             # Only a method that trains asks for this loader: a k above the largest class is an
             # error here (before the first step), classes below k are logged as capped. A post-hoc
             # method on a small tree never trains on the subset and is not refused for its k.
