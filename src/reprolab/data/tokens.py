@@ -17,7 +17,7 @@ Tokenizers:
   `transformers.BertTokenizerFast`. It runs anywhere, offline; `model=tiny_bert` matches it.
 - any Hugging Face id or local folder (`bert-base-uncased`), through `AutoTokenizer.from_pretrained`
   with `cache_dir`; offline (`HF_HUB_OFFLINE=1`) only a cached copy loads, else one line names
-  `python scripts/download_weights.py <id>`.
+  `python scripts/download_weights.py --hf <id>`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
         raise ConfigValueError(
             f"tokenizer {name!r} is not cached under {cache_dir or 'the Hugging Face cache'} and "
             f"cannot be downloaded here ({type(e).__name__}); fetch it with `python "
-            f"scripts/download_weights.py {name}` or point model.tokenizer at a local folder."
+            f"scripts/download_weights.py --hf {name}` or point model.tokenizer at a local folder."
         ) from e
 
 
