@@ -277,6 +277,68 @@ def test_lisa_step_loss_is_soft_target_cross_entropy(monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# text: token-id inputs are mixed after the featurizer
+
+
+class _TokenFeaturizer(torch.nn.Module):
+    """Token ids (B, L, 3) -> the mean embedding of the ids (B, 4); rejects float inputs, as BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.trainable, self.feature_dim, self.preprocess = "tok", "image", 4, None
+        self.emb = torch.nn.Embedding(20, 4)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        assert not x.is_floating_point(), "token ids must reach the featurizer unmixed"
+        return self.emb(x[..., 0]).mean(1)
+
+
+def _token_batch(n: int = 12) -> dict[str, torch.Tensor]:
+    batch = _batch(n)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 20, (n, 5), generator=g)
+    batch["image"] = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], -1)
+    return batch
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("cls", [Mixup, LISA])
+def test_mixup_and_lisa_mix_the_featurizer_output_of_token_inputs(cls, monkeypatch) -> None:
+    torch.manual_seed(0)
+    m = cls(
+        name=cls.__name__.lower(),
+        model=_TokenFeaturizer(),
+        info=toy_info(4),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+    )
+    m.head = m.build_head("random")
+    batch = _token_batch()
+    with torch.no_grad():
+        h = m.image_features(batch["image"])
+        logits0 = m.head(h)
+    if cls is Mixup:  # loss = λ CE(head(λ h + (1-λ) h_π), y) + (1-λ) CE(., y_π)
+        monkeypatch.setattr(Mixup, "sample_lambda", lambda self: 0.3)
+        torch.manual_seed(7)
+        perm = torch.randperm(len(batch["label"]))
+        with torch.no_grad():
+            mixed = m.head(0.3 * h + 0.7 * h[perm]).double().numpy()
+        y = batch["label"].numpy()
+        want = 0.3 * _np_ce(mixed, y).mean() + 0.7 * _np_ce(mixed, y[perm.numpy()]).mean()
+        torch.manual_seed(7)
+    else:  # no pairs: the unmixed features, CE on one-hot targets
+        monkeypatch.setattr("reprolab.methods.group.lisa.lisa_pairs", lambda *a, **k: [])
+        want = _np_ce(logits0.double().numpy(), batch["label"].numpy()).mean()
+    emb0 = m.backbone.emb.weight.detach().clone()
+    loss = float(m.training_step(batch, 0).detach()) if cls is Mixup else None
+    if cls is Mixup:
+        assert loss == pytest.approx(want, rel=1e-5)
+    logged = _fit_one(m, [batch])
+    if cls is LISA:
+        assert logged["train/loss"] == pytest.approx(want, rel=1e-5)
+    assert not torch.equal(m.backbone.emb.weight, emb0)  # the featurizer trains through the mix
+
+
+# ------------------------------------------------------------------------------------------------
 # IRM
 
 

@@ -254,3 +254,41 @@ def test_runs_end_to_end_on_group_synth_with_the_mlp_featurizer(tmp_path: Path) 
         assert values and all(v == v for v in values), key  # logged, finite
     a0 = [float(r["train/scer_a0"]) for r in rows if r.get("train/scer_a0")]
     assert all(0.0 < v < 0.5 for v in a0)  # ½[P(a=1|y=1)P(y=1) + P(a=0|y=0)P(y=0)] < ½
+
+
+@pytest.mark.filterwarnings(LOG_WARNING)
+def test_alignment_diagnostic_logs_scer_s_and_c_of_the_id_test_features() -> None:
+    from reprolab.data.info import ImageClassificationInfo, TestSet
+    from reprolab.methods.group.erm import ERM
+
+    info = ImageClassificationInfo(
+        name="toy",
+        classnames=("a", "b"),
+        templates=("{}",),
+        num_groups=4,
+        test_sets=(TestSet("test", "id"),),
+    )
+    torch.manual_seed(0)
+    m = ERM(name="erm", model=Featurizer(), info=info, optimizer=SGD_PLAIN, alignment=True)
+    m.head = m.build_head("random")
+    batches = [_batch(FULL * 4, s) for s in (1, 2)]
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    out = trainer.test(m, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))[0]
+    with torch.no_grad():
+        h = torch.cat([m.backbone.encode_image(b["image"]) for b in batches]).double()
+    g = torch.cat([b["group"] for b in batches])
+    _, diag = scer_embedding_loss(h, g // 2, g % 2, 1.0, 1.0)
+    assert out["test/scer_abs_s"] == pytest.approx(abs(float(diag["s"])), rel=1e-5)
+    assert out["test/scer_c"] == pytest.approx(float(diag["c"]), rel=1e-5)
+    # defined for 2 classes x 2 attributes only: anything else fails when built, in one line
+    with pytest.raises(ConfigValueError, match=r"alignment=true.*3 classes and 6 groups") as e:
+        ERM(
+            name="erm",
+            model=Featurizer(),
+            info=toy_info(6, classes=3),
+            optimizer=SGD_PLAIN,
+            alignment=True,
+        )
+    assert "\n" not in str(e.value)

@@ -14,7 +14,11 @@ losses) or the optimiser step (SAM, ASAM, ASGDRO). Here the featurizer is `cfg.m
   the feature normalisation (default: on for a zero-shot head, off for a random one).
 
 Evaluation is the classification routine's (`ClassificationMethod`): per test set `acc`, `ece`, ...,
-`worst_group_acc`, `avg_group_acc`, and `val/*` when the data module has `val: true`.
+`worst_group_acc`, `avg_group_acc`, and `val/*` when the data module has `val: true`. With
+`alignment: true` (binary y and a) every method also logs SCER's alignments of its featurizer output
+on the first ID test set, `test/scer_abs_s` (|s|, spurious) and `test/scer_c` (core), with β in closed
+form from that set's statistics (`scer_math.scer_embedding_loss`): spec §1.8's check "|s| for SCER is
+below |s| for ERM at the end of training" compares the same number across methods.
 
 Group methods need group labels: `requires` includes `num_groups`, so a group method on data without
 groups fails when it is built, in one line (`TaskInfoError`).
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from reprolab.errors import ConfigValueError
 from reprolab.methods.finetuning.base import normalized
 from reprolab.methods.finetuning.ft import FineTune
+from reprolab.methods.group.scer_math import scer_embedding_loss
 
 
 def train_group_counts(datamodule: Any, num_groups: int) -> Tensor | None:
@@ -91,6 +96,8 @@ class GroupMethod(FineTune):
         head_init: `random` (SubpopBench: a fresh linear classifier) or `zeroshot` (CLIP's zero-shot
             head; needs templates and normalised features).
         normalize: L2-normalise the features before the head (None: True iff head_init=zeroshot).
+        alignment: log SCER's |s| and c of the featurizer output on the first ID test set
+            (`test/scer_abs_s`, `test/scer_c`; needs 2 classes and 4 groups g = 2y + a).
         **kwargs: see `FineTune` / `FineTuningMethod` (`optimizer`, `scheduler`, `grad_clip`,
             `label_smoothing`, `sigma_min`, `ece_bins`, ...).
     """
@@ -104,6 +111,7 @@ class GroupMethod(FineTune):
         *args: Any,
         head_init: str = "random",
         normalize: bool | None = None,
+        alignment: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, head_init=head_init, **kwargs)
@@ -122,6 +130,15 @@ class GroupMethod(FineTune):
                 "method.normalize=true (or null), or method.head_init=random."
             )
         self.num_groups = int(self.info.num_groups)
+        self.alignment = bool(alignment)
+        if self.alignment and (len(self.classnames) != 2 or self.num_groups != 4):
+            raise ConfigValueError(
+                f"method={self.name}: alignment=true measures SCER's |s| and c, defined for 2 "
+                f"classes x 2 attributes (4 groups); data={self.info.name} has "
+                f"{len(self.classnames)} classes and {self.num_groups} groups. Set "
+                "method.alignment=false."
+            )
+        self._aligned: list[tuple[Tensor, Tensor]] = []
         self._backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
 
     # -- the model ------------------------------------------------------------------------------
@@ -177,3 +194,29 @@ class GroupMethod(FineTune):
             losses, counts = group_mean_losses(per_sample.detach(), groups, self.num_groups)
             worst = losses.masked_fill(counts == 0, float("-inf")).max()
         self.log("train/worst_group_loss", worst)
+
+    # -- the alignment diagnostic (alignment=true) ---------------------------------------------
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.alignment and dataloader_idx == self._id_ref:
+            with torch.no_grad():
+                h = self.image_features(batch["image"]).float()
+            self._aligned.append((h.cpu(), batch["group"].cpu()))
+        return super().test_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if not self._aligned:
+            return
+        h = torch.cat([x for x, _ in self._aligned]).double()
+        g = torch.cat([x for _, x in self._aligned]).long()
+        self._aligned = []
+        out = scer_embedding_loss(h, g // 2, g % 2, 1.0, 1.0)
+        if out is None:
+            return  # a group is absent from the test set: no alignment to report
+        diag = out[1]
+        self.log("test/scer_abs_s", diag["s"].abs().float(), sync_dist=False)
+        self.log("test/scer_c", diag["c"].float(), sync_dist=False)
+
+    @classmethod
+    def metric_keys(cls) -> tuple[str, ...]:
+        return (*super().metric_keys(), "test/scer_*")

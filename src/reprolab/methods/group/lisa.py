@@ -27,7 +27,11 @@ Choices, against the two upstream codes:
   group_balanced` the batches here are group-balanced in expectation; they are not split per group.
 - The LISA code's cutmix draws its λ from Beta(`alpha`, `alpha`) with `alpha` = 0.2 (its argparse
   default), not `mix_alpha`; SubpopBench uses `LISA_alpha` for both, as here.
-- Upstream mixes the featurizer output for text data; there are no text group datasets here.
+- Token ids (text) cannot be mixed: the featurizer output is mixed instead and the head reads it
+  (`cutmix` is then mixup, as on vectors).
+  # DEVIATION: SubpopBench's LISA mixes `x` whatever the data (its Mixup has a text branch that
+  # mixes features, LISA has none), which on BERT's token-id tensors is not a valid input; the
+  # feature-level mix follows its Mixup's text branch.
 """
 
 from __future__ import annotations
@@ -190,8 +194,12 @@ class LISA(GroupMethod):
         groups, labels = self.batch_groups(batch), batch["label"]
         attrs = batch_attributes(groups, labels, self.n_attributes, self.name)
         intra_label = bool(torch.rand(()) <= self.p_sel)  # upstream: np.random.random() <= p_sel
+        x = batch["image"]
+        tokens = not x.is_floating_point()
+        if tokens:  # text: mix the featurizer output (module docstring)
+            x = self.image_features(x)
         x, targets, mixed = lisa_batch(
-            batch["image"],
+            x,
             labels,
             attrs,
             len(self.classnames),
@@ -199,7 +207,7 @@ class LISA(GroupMethod):
             self.alpha,
             self.mix_method,
         )
-        logits = self.logits(x).float()
+        logits = (self.head_logits(x) if tokens else self.logits(x)).float()
         loss = F.cross_entropy(logits, targets.to(logits), label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lisa_intra_label", float(intra_label))

@@ -10,8 +10,9 @@ Zhang et al., "mixup: Beyond Empirical Risk Minimization" (ICLR 2018), as Subpop
 
 Plain input mixup within the batch, ignoring groups; group labels are needed only for the
 evaluation (worst-group accuracy), as for ERM. Images are mixed as the preprocessed tensors the model
-reads, vectors as they are. Upstream mixes the featurizer output instead for text data, which has no
-counterpart here (there are no text group datasets in reprolab).
+reads, vectors as they are. Token ids (text: integer inputs, `reprolab.data.tokens`) cannot be mixed:
+there, as upstream does for text (`Mixup.update`, the `text` branch), the featurizer output is mixed
+and the head reads the mixture.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ class Mixup(GroupMethod):
         x, labels = batch["image"], batch["label"]
         lam = self.sample_lambda()
         perm = torch.randperm(len(labels)).to(labels.device)
-        logits = self.logits(mix_inputs(x, lam, perm)).float()
+        if x.is_floating_point():
+            logits = self.logits(mix_inputs(x, lam, perm)).float()
+        else:  # token ids: mix the featurizer output (upstream's text branch)
+            logits = self.head_logits(mix_inputs(self.image_features(x), lam, perm)).float()
         loss = mixup_loss(logits, labels, lam, perm, self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mixup_lambda", lam)
