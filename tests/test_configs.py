@@ -210,6 +210,11 @@ def test_extends_inherits_values_but_not_reported(tmp_path: Path) -> None:
         ("cols/caltech.yaml", "rows: {blackvp: {}}\n", "unknown row 'blackvp'"),
         ("cols/caltech.yaml", "extends: pet\n", "extends unknown column 'pet'"),
         ("cols/spsa_caltech.yaml", "data: caltech101\n", "is generated twice"),
+        (
+            "cols/caltech.yaml",
+            "data: caltech101\ndefaults: [{override /method: vp}]\n",
+            "`defaults` must list single group choices",
+        ),
     ],
 )
 def test_grid_mistakes_fail_with_the_file_and_the_fix(

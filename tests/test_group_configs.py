@@ -1,7 +1,8 @@
 """SCER (ICLR 2026) and ASGDRO / SIL (CVPR 2025) paper-table configs: the cells hold the recipes.
 
 The cells come from the paper grids configs/cells/scer_iclr26/ (11 methods x waterbirds, celeba,
-metashift, cmnist; SubpopBench's random search of 16 trials per cell) and
+metashift, cmnist, civilcomments, multinli; SubpopBench's random search of 16 trials per cell, text
+columns with BERT and SubpopBench's text optimisation) and
 configs/cells/asgdro_cvpr25/ (9 methods x the four image benchmarks with suffix _sil; the SIL code's
 README values, no search); the tables are table/scer_main.yaml and table/asgdro_main.yaml. Values
 checked: specs robustness_ood_prompting.md §1.3-§1.6, §2.3-§2.4, SubpopBench's hparams_registry.py
@@ -31,7 +32,10 @@ SCER_COLS = {
     "celeba": ("celeba", 30001, 1000),
     "metashift": ("metashift", 5001, 300),
     "cmnist": ("cmnist", 5001, 250),
+    "civilcomments": ("civilcomments", 30001, 1000),
+    "multinli": ("multinli", 30001, 1000),
 }
+TEXT_COLS = {"civilcomments": 220, "multinli": 128}  # max_length (SubpopBench datasets.py)
 ASGDRO_ROWS = ["erm", "groupdro", "sam", "asam", "lisa", "irm", "coral", "jtt", "asgdro"]
 # column -> (data, lr, wd, epochs, steps per epoch = train size // 16, rho, adjustment): SIL README
 ASGDRO_COLS = {
@@ -41,6 +45,8 @@ ASGDRO_COLS = {
     "metashift_sil": ("metashift", 1e-3, 1e-4, 100, 2276 // 16, 0.5, 0.0),
 }
 SCER_CELLS = [(f"{r}_{c}", r, c) for r in SCER_ROWS for c in SCER_COLS]
+SCER_TEXT_CELLS = [c for c in SCER_CELLS if c[2] in TEXT_COLS]
+SCER_CELLS = [c for c in SCER_CELLS if c[2] not in TEXT_COLS]
 ASGDRO_CELLS = [(f"{r}_{c}", r, c) for r in ASGDRO_ROWS for c in ASGDRO_COLS]
 
 
@@ -103,7 +109,7 @@ def _space(name: str) -> dict:
 
 def test_the_grids_generate_every_cell_of_both_tables() -> None:
     names = set(experiment_names(CONFIG_DIR))
-    assert {c[0] for c in SCER_CELLS} | {c[0] for c in ASGDRO_CELLS} <= names
+    assert {c[0] for c in SCER_CELLS + SCER_TEXT_CELLS} | {c[0] for c in ASGDRO_CELLS} <= names
     assert {c for c in names if c.endswith("_sil")} == {c[0] for c in ASGDRO_CELLS}
 
 
@@ -137,6 +143,63 @@ def test_scer_cell_composes_with_the_subpopbench_protocol(name: str, row: str, c
     assert num_trials(cfg.search) == N_TRIALS
     rule = {"metric": "dfr/tune_worst_group_acc" if row == "dfr" else "val/worst_group_acc"}
     assert OmegaConf.to_container(cfg.select) == {**rule, "mode": "max"}
+
+
+# SubpopBench hparams_registry.py, text: lr 10^U(-5.5,-4), wd 10^U(-6,-3), batch int(2^U(3,5.5)),
+# last_layer_dropout {0, 0.1, 0.5} (0 = BERT's hidden_dropout_prob: null here).
+TEXT_SHARED = {
+    "method.optimizer.lr": {"low": 10**-5.5, "high": 1e-4, "log": True},
+    "method.optimizer.weight_decay": {"low": 1e-6, "high": 1e-3, "log": True},
+    "data.batch_size": {"low": 8, "high": 2**5.5, "log": True, "int": True},
+    "model.dropout": [None, 0.1, 0.5],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "row", "col"),
+    [
+        pytest.param(
+            *c,
+            id=c[0],
+            marks=()
+            if c[1] in ("scer", "dfr", "jtt") and c[2] == "civilcomments"
+            else pytest.mark.slow,
+        )
+        for c in SCER_TEXT_CELLS
+    ],
+)
+def test_scer_text_cell_composes_with_bert_and_subpopbench_text_optimisation(
+    name: str, row: str, col: str
+) -> None:
+    cfg = compose_train([f"experiment={name}", "trial=0", "paths.log_dir=/logs"])
+    validate_config(cfg)
+    data, n_steps, freq = SCER_COLS[col]
+    assert cfg.cell == f"scer_iclr26.main.{row}.{col}" and cfg.method.name == row
+    assert (cfg.data.name, cfg.data.max_length) == (data, TEXT_COLS[col])
+    assert (cfg.model.name, cfg.model.pretrained) == ("bert_base", "bert-base-uncased")
+    assert cfg.model.trainable is (row != "dfr")
+    assert "train_augment" not in cfg.data  # an image-only key
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (n_steps, -1)
+    assert (
+        cfg.selection is None
+        if row in TWO_ROUNDS_OR_POST_HOC
+        else cfg.selection.every_n_steps == freq
+    )
+    opt = cfg.method.optimizer  # method/optim=bert_adamw replaced SGD: no momentum left over
+    assert (opt._target_, opt.lr, opt.weight_decay, opt.eps) == (
+        "reprolab.optim.param_groups.adamw",
+        1e-5,
+        1e-4,
+        1e-8,
+    )
+    assert "momentum" not in opt and cfg.method.grad_clip == 1.0
+    assert cfg.method.scheduler._target_ == "reprolab.optim.param_groups.linear_lr"
+    assert cfg.method.scheduler.warmup_steps == 0
+    space = read_search(cfg.search)["space"]
+    if row == "dfr":
+        assert list(space) == ["method.source.run_dir"]
+    else:
+        assert space == {**TEXT_SHARED, **OWN[row]}
 
 
 @pytest.mark.parametrize("row", SCER_ROWS)
@@ -246,7 +309,7 @@ def test_asgdro_waterbirds_holds_the_readme_command() -> None:
 @pytest.mark.parametrize(
     ("table", "rows", "cols", "trials"),
     [
-        ("scer_main", SCER_ROWS, list(SCER_COLS), N_TRIALS),
+        ("scer_main", SCER_ROWS, list(SCER_COLS), N_TRIALS),  # 3168 jobs
         ("asgdro_main", ASGDRO_ROWS, list(ASGDRO_COLS), 0),
     ],
 )
@@ -258,7 +321,7 @@ def test_table_validates_with_its_job_count(table: str, rows, cols, trials: int)
     assert spec.reported == {} and spec.warnings == []
     assert spec.n_cells == len(rows) * len(cols)
     assert spec.trials == list(range(trials))
-    assert spec.n_jobs == len(rows) * len(cols) * 3 * max(trials, 1)  # 2112 and 108
+    assert spec.n_jobs == len(rows) * len(cols) * 3 * max(trials, 1)  # 3168 and 108
     if trials:
         assert {r["metric"] for r in spec.select.values()} == {
             "val/worst_group_acc",
@@ -283,7 +346,7 @@ def test_scer_table_composes_for_a_slurm_launch() -> None:
     params = hydra_cfg.sweeper.params
     assert (params.seed, params.trial) == ("1,2,3", "range(0,16)")
     swept = params.experiment.split(",")
-    assert len(swept) == 44 and swept[-4:] == [f"dfr_{c}" for c in SCER_COLS]  # dfr after erm
+    assert len(swept) == 66 and swept[-6:] == [f"dfr_{c}" for c in SCER_COLS]  # dfr after erm
     job = compose_train(
         ["table=scer_main", "hydra/launcher=slurm", "experiment=scer_celeba", "seed=3", "trial=15"]
     )

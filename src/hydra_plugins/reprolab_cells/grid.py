@@ -8,6 +8,7 @@ Layout (under the primary config dir, `configs/cells/`; see `configs/cells/READM
                                   /method: ...`) and its dataset-independent hyperparameters
     cells/<grid>/cols/<col>.yaml  column spec (read here, not by Hydra): `data` (the data group),
                                   `model` (the model group, optional),
+                                  `defaults` (more group choices, e.g. `{/method/optim: bert_adamw}`),
                                   `table` (paper.table), `extends` (another column of the grid),
                                   `common` (values for every row), `rows` (values per row),
                                   `reported` (the paper's number per row)
@@ -16,6 +17,7 @@ Cell `<row>_<col>` of a grid is served as the config `experiment/<row>_<col>`:
 
     # @package _global_
     defaults:
+      - <col.defaults ...>                   # e.g. /method/optim: bert_adamw (text columns)
       - /cells/<grid>/grid
       - /cells/<grid>/rows/<row>
       - override /data: <col.data>
@@ -37,7 +39,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 #: Keys of a column spec.
-COL_KEYS = ("data", "model", "table", "extends", "common", "rows", "reported")
+COL_KEYS = ("data", "model", "defaults", "table", "extends", "common", "rows", "reported")
 GROUP = "experiment"
 
 
@@ -114,6 +116,18 @@ class Grids:
                         f"{where}: {block}.{row}: unknown row '{row}' of grid {grid}; rows: "
                         f"{', '.join(rows)}{_close(str(row), rows)}"
                     )
+        extra = spec.get("defaults")
+        if extra is not None and not (
+            OmegaConf.is_list(extra)
+            and all(
+                OmegaConf.is_dict(e) and len(e) == 1 and "override" not in str(next(iter(e)))
+                for e in extra
+            )
+        ):
+            raise GridError(
+                f"{where}: `defaults` must list single group choices such as "
+                "`- /method/optim: bert_adamw` (no `override`: data and model have their own keys)"
+            )
         return {k: spec.get(k) for k in COL_KEYS}
 
     def _chain(self, grid: str, col: str) -> list[str]:
@@ -154,7 +168,15 @@ class Grids:
         if table is not None:
             paper["table"] = str(table)
         paper["reported"] = reported
-        defaults: list[Any] = [f"/cells/{cell.grid}/grid", f"/cells/{cell.grid}/rows/{cell.row}"]
+        # A column's own group choices come first: Hydra wants the `override` entries last, and
+        # a fragment of the method group (package `method`) still merges after the method config,
+        # which the primary config composes before any experiment; grid and row values win over it.
+        extra = [OmegaConf.to_container(e) for c in chain if c["defaults"] for e in c["defaults"]]
+        defaults: list[Any] = [
+            *extra,
+            f"/cells/{cell.grid}/grid",
+            f"/cells/{cell.grid}/rows/{cell.row}",
+        ]
         if data is not None:
             defaults.append({"override /data": str(data)})
         if model is not None:  # a column on another backbone (a row file may override it too)
