@@ -65,7 +65,9 @@ def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
     from transformers import AutoTokenizer, BertTokenizerFast
 
     if name == TINY:
-        return BertTokenizerFast(tiny_vocab_path(), do_lower_case=True)  # vocab_file (4.x) / vocab (5.x)
+        return BertTokenizerFast(
+            tiny_vocab_path(), do_lower_case=True
+        )  # vocab_file (4.x) / vocab (5.x)
     try:
         return AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
