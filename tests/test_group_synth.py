@@ -177,6 +177,23 @@ def test_mlp_featurizer_interface() -> None:
         MLPFeaturizer("mlp_featurizer", trainable="both")
 
 
+def test_hidden_dim_0_is_the_identity_and_a_group_head_trains_on_the_raw_inputs() -> None:
+    from reprolab.methods.group.groupdro import GroupDRO
+
+    m = MLPFeaturizer("linear_input", input_dim=16, hidden_dim=0, feature_dim=16, trainable="none")
+    x = torch.randn(5, 16)
+    assert torch.equal(m.encode_image(x), x) and not list(m.parameters())
+    assert m.zeroshot_weights(["n", "p"], ["{}"]).shape == (2, 16)  # no parameter to ask a device
+    info = ImageClassificationInfo(name="g", classnames=("n", "p"), templates=("{}",), num_groups=4)
+    method = GroupDRO(name="groupdro", model=m, info=info, optimizer=torch.optim.SGD)
+    method.head = method.build_head("random")
+    assert method.head.weight.shape == (2, 16)
+    assert method.param_counts()["params/trainable"] == 2 * 16 + 2  # the linear model alone
+    with pytest.raises(ConfigValueError, match="feature_dim must equal input_dim") as e:
+        MLPFeaturizer("linear_input", input_dim=16, hidden_dim=0, feature_dim=8)
+    assert "\n" not in str(e.value)
+
+
 def test_finetune_method_builds_on_the_mlp() -> None:
     """`FineTune` (the group methods' base) accepts the MLP: trainable mode, head, logits."""
     from reprolab.methods.finetuning.ft import FineTune

@@ -39,7 +39,9 @@ class MLPFeaturizer(nn.Module):
     Args:
         name: config name (lands in hparams and metrics.json).
         input_dim: width of the data's feature vectors (16 for `group_synth*`).
-        hidden_dim: hidden width.
+        hidden_dim: hidden width; 0 = no layers at all: the featurizer is the identity and the
+            method's head a linear model on the raw inputs (spec §2.5's cheap variant: ASGDRO's ρ
+            then acts on the head alone); `feature_dim` must equal `input_dim` then.
         feature_dim: output width, the embedding a head and SCER's regulariser read (16).
         activation: `relu`, `gelu`, `elu`, `tanh` or `silu`.
         dropout: dropout after the hidden activation (0: none).
@@ -69,19 +71,28 @@ class MLPFeaturizer(nn.Module):
             )
         for key, v in (
             ("input_dim", input_dim),
-            ("hidden_dim", hidden_dim),
+            ("hidden_dim", int(hidden_dim) + 1),  # 0 allowed: the identity
             ("feature_dim", feature_dim),
         ):
             if int(v) < 1:
                 raise ConfigValueError(f"model={name}: {key} must be >= 1, got {v}.")
+        if int(hidden_dim) == 0 and int(feature_dim) != int(input_dim):
+            raise ConfigValueError(
+                f"model={name}: hidden_dim=0 is the identity featurizer, so feature_dim must equal "
+                f"input_dim ({input_dim}), got {feature_dim}."
+            )
         self.name = name
         self.input_dim, self.feature_dim = int(input_dim), int(feature_dim)
         self.trainable = trainable
-        self.net = nn.Sequential(
-            nn.Linear(self.input_dim, int(hidden_dim)),
-            ACTIVATIONS[activation](),
-            nn.Dropout(float(dropout)),
-            nn.Linear(int(hidden_dim), self.feature_dim),
+        self.net: nn.Module = (
+            nn.Sequential(
+                nn.Linear(self.input_dim, int(hidden_dim)),
+                ACTIVATIONS[activation](),
+                nn.Dropout(float(dropout)),
+                nn.Linear(int(hidden_dim), self.feature_dim),
+            )
+            if int(hidden_dim) > 0
+            else nn.Identity()
         )
         self.preprocess = VectorInput(self.input_dim)
         self.requires_grad_(trainable != "none")
@@ -132,7 +143,7 @@ class MLPFeaturizer(nn.Module):
     @torch.no_grad()
     def zeroshot_weights(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         """A NaN placeholder (C, feature_dim): the shape a fresh head needs, no values (no text)."""
-        device = next(self.parameters()).device
+        device = next(self.parameters(), torch.empty(0)).device  # the identity has none
         return torch.full((len(classnames), self.feature_dim), float("nan"), device=device)
 
     @property

@@ -149,7 +149,7 @@ class GroupMethod(FineTune):
         if dim is None:  # CLIP: the width of its zero-shot head
             templates = self.templates or ["{}"]
             dim = int(self.backbone.zeroshot_weights(self.classnames, templates).shape[1])
-        device = next(self.backbone.parameters()).device
+        device = next(self.backbone.parameters(), torch.empty(0)).device  # identity: none
         return nn.Linear(int(dim), len(self.classnames)).to(device)  # PyTorch's default init
 
     def image_features(self, images: Tensor) -> Tensor:
