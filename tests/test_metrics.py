@@ -46,6 +46,13 @@ def test_worst_and_average_group_accuracy() -> None:
     assert float(out["average"]) == pytest.approx(2 / 3)
     accs = group_accuracies(preds, labels, groups, 4)
     assert accs[:3].tolist() == [1.0, 0.5, 0.5] and torch.isnan(accs[3])
+    # per group (present ones only) and, once the training counts are given, weighted by them
+    assert {k for k in out if k.startswith("group")} == {"group0", "group1", "group2"}
+    assert [float(out[f"group{g}"]) for g in range(3)] == [1.0, 0.5, 0.5]
+    assert "weighted" not in out
+    m.set_weights(torch.tensor([60.0, 10.0, 20.0, 10.0]))  # g3 absent from test: renormalised
+    want = (60 * 1.0 + 10 * 0.5 + 20 * 0.5) / 90
+    assert float(m.compute()["weighted"]) == pytest.approx(want)
     with pytest.raises(ValueError, match="out of range"):
         m.update(preds, labels, torch.full_like(groups, 4))
 

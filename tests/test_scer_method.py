@@ -248,6 +248,13 @@ def test_runs_end_to_end_on_group_synth_with_the_mlp_featurizer(tmp_path: Path) 
     wga = saved["metrics"]["test/test/worst_group_acc"]
     assert 0.0 <= wga <= saved["metrics"]["test/test/avg_group_acc"] <= 100.0
     assert wga == record["metrics"]["test/test/worst_group_acc"]
+    # per-group accuracies and their mean weighted by the train shares (47.5 / 2.5 / 2.5 / 47.5 %)
+    m = saved["metrics"]
+    per_group = [m[f"test/test/group{g}_acc"] for g in range(4)]
+    assert min(per_group) == pytest.approx(wga)
+    shares = [0.475, 0.025, 0.025, 0.475]
+    want = sum(p * a for p, a in zip(shares, per_group, strict=True))
+    assert m["test/test/acc_weighted"] == pytest.approx(want, abs=0.01)
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     for key in ("train/scer_s", "train/scer_c", "train/scer_a0", "train/l_emb", "train/l_dro"):
         values = [float(r[key]) for r in rows if r.get(key)]

@@ -310,6 +310,7 @@ class ClassificationMethod(Method):
     @classmethod
     def metric_keys(cls) -> tuple[str, ...]:
         cls_keys = ("acc", "ece", "ece_batch", "nll", "brier", "worst_group_acc", "avg_group_acc")
+        cls_keys += ("acc_weighted", "group*_acc")  # group data: train-weighted, per group
         ood_keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
         return (
             *super().metric_keys(),
@@ -447,20 +448,28 @@ def _index_groups(test_sets: Iterable[TestSet], num_classes: int) -> list[list[l
     return out
 
 
-#: GroupAccuracy's `{"worst", "average"}` (fractions) as logged keys (percent). A MetricCollection
-#: flattens a metric's dict result into its keys, so they arrive as `worst` / `average`.
-_GROUP_KEYS = {"worst": "worst_group_acc", "average": "avg_group_acc"}
+#: GroupAccuracy's `{"worst", "average", "weighted", "group<k>"}` (fractions) as logged keys
+#: (percent). A MetricCollection flattens a metric's dict result into its keys, so they arrive as
+#: `worst` / `average` / `weighted` / `group0` ...
+_GROUP_KEYS = {"worst": "worst_group_acc", "average": "avg_group_acc", "weighted": "acc_weighted"}
+
+
+def _group_key(k: str) -> str | None:
+    if k in _GROUP_KEYS:
+        return _GROUP_KEYS[k]
+    if k.startswith("group") and k[5:].isdigit():
+        return f"{k}_acc"  # group0_acc, ...
+    return None
 
 
 def _to_log(values: dict[str, Any], prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in values.items():
-        if k == "group":  # the unflattened form: {"worst", "average"}
-            for sub, key in _GROUP_KEYS.items():
-                out[f"{prefix}/{key}"] = 100.0 * float(v[sub])
+        if k == "group":  # the unflattened form: {"worst", "average", ...}
+            out.update(_to_log(dict(v), prefix))
             continue
-        if k in _GROUP_KEYS:
-            out[f"{prefix}/{_GROUP_KEYS[k]}"] = 100.0 * float(v)
+        if _group_key(k) is not None:
+            out[f"{prefix}/{_group_key(k)}"] = 100.0 * float(v)
             continue
         v = float(v)
         out[f"{prefix}/{k}"] = 100.0 * v if k.endswith("acc") else v

@@ -2,7 +2,9 @@
 
 Groups are (label, attribute) combinations such as Waterbirds' (bird, background). Worst-group
 accuracy is the minimum over groups that occur in the evaluated data (Sagawa et al., ICLR 2020);
-average-group accuracy is the unweighted mean over those groups.
+average-group accuracy is the unweighted mean over those groups (SubpopBench's `adjusted_accuracy`);
+weighted accuracy weights each group's accuracy by its share of the *training* data (group_DRO's
+Waterbirds convention, "average accuracy" of the DFR / JTT tables), over the groups present.
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ def group_accuracies(preds: Tensor, labels: Tensor, groups: Tensor, num_groups: 
     return torch.where(total > 0, correct / total.clamp(min=1), torch.nan)
 
 
+def weighted_accuracy(per_group: Tensor, weights: Tensor) -> Tensor:
+    """Σ_g w_g acc_g / Σ_g w_g over the groups with an accuracy (not NaN). -> ()"""
+    seen = ~torch.isnan(per_group)
+    w = weights.to(per_group)[seen]
+    return (w * per_group[seen]).sum() / w.sum()
+
+
 class GroupAccuracy(Metric):
-    """Accuracy per group (DDP-safe sums); `compute` gives `{"worst", "average"}` as fractions."""
+    """Accuracy per group (DDP-safe sums); `compute` gives `{"worst", "average"}` as fractions,
+    `group<k>` for every group present, and `weighted` once `set_weights` has given the training
+    group shares."""
 
     full_state_update = False
 
@@ -31,6 +42,12 @@ class GroupAccuracy(Metric):
             "correct", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum"
         )
         self.add_state("total", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum")
+        self.weights: Tensor | None = None
+
+    def set_weights(self, counts: Tensor | None) -> None:
+        """The training group counts (or shares) that `weighted` averages with; None: none."""
+        self.weights = None if counts is None else torch.as_tensor(counts, dtype=torch.float64)
+        self._computed = None  # torchmetrics caches compute(): the weights change its value
 
     def update(self, preds: Tensor, labels: Tensor, groups: Tensor) -> None:
         if groups.numel() and int(groups.max()) >= self.num_groups:
@@ -44,4 +61,10 @@ class GroupAccuracy(Metric):
     def compute(self) -> dict[str, Tensor]:
         seen = self.total > 0
         acc = self.correct[seen] / self.total[seen]
-        return {"worst": acc.min().float(), "average": acc.mean().float()}
+        out = {"worst": acc.min().float(), "average": acc.mean().float()}
+        per_group = torch.where(seen, self.correct / self.total.clamp(min=1), torch.nan)
+        if self.weights is not None and len(self.weights) == self.num_groups:
+            out["weighted"] = weighted_accuracy(per_group, self.weights).float()
+        for g in torch.nonzero(seen).flatten().tolist():
+            out[f"group{g}"] = per_group[g].float()
+        return out

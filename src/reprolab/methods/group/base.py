@@ -195,6 +195,16 @@ class GroupMethod(FineTune):
             worst = losses.masked_fill(counts == 0, float("-inf")).max()
         self.log("train/worst_group_loss", worst)
 
+    # -- evaluation: train-weighted accuracy ----------------------------------------------------
+    def on_test_start(self) -> None:
+        """Give the test group metrics the training group counts (`acc_weighted`), when known."""
+        super().on_test_start()
+        counts = train_group_counts(getattr(self.trainer, "datamodule", None), self.num_groups)
+        for metrics in self.test_metrics:
+            group = metrics["group"] if "group" in getattr(metrics, "keys", lambda: ())() else None
+            if group is not None:
+                group.set_weights(counts)
+
     # -- the alignment diagnostic (alignment=true) ---------------------------------------------
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.alignment and dataloader_idx == self._id_ref:
