@@ -258,6 +258,33 @@ def test_asgdro_at_rho_zero_is_groupdro() -> None:
     assert not torch.allclose(_params(c)["head.weight"], pa["head.weight"])  # ρ > 0 does differ
 
 
+def test_a_frozen_featurizer_is_encoded_once_per_two_pass_step(monkeypatch) -> None:
+    """Frozen features are the same at w and w + ε: one featurizer call per step, and the steps
+    equal those of a run that encodes twice (the head sees identical inputs)."""
+    torch.manual_seed(3)
+    net = Featurizer("none")
+    batches, counts = _batches(4), [40.0, 10.0, 5.0, 45.0]
+    kw = {"eta": 0.5, "rho": 0.5, "optimizer": SGD}
+    once = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=toy_info(4), **kw)
+    twice = ASGDRO(name="asgdro", model=copy.deepcopy(net), info=toy_info(4), **kw)
+    calls = {"n": 0}
+    encode = Featurizer.encode_image
+
+    def counted(self, x):
+        calls["n"] += 1
+        return encode(self, x)
+
+    monkeypatch.setattr(Featurizer, "encode_image", counted)
+    _fit(once, batches, counts)
+    assert calls["n"] == 3  # three steps, one encoding each
+    twice._backbone_trains = True  # the path of a trainable featurizer: encodes in both passes
+    calls["n"] = 0
+    _fit(twice, batches, counts)
+    assert calls["n"] == 6
+    for k, v in _params(once).items():
+        torch.testing.assert_close(v, _params(twice)[k], rtol=0, atol=0)
+
+
 def test_asgdro_with_one_group_is_asam_and_the_scheduler_and_clipping_apply() -> None:
     torch.manual_seed(2)
     net = Featurizer(bn=True)

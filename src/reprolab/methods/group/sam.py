@@ -19,6 +19,7 @@ the SIL-ASGDRO code uses for ASGDRO and for its ASAM baseline.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import Tensor
@@ -98,15 +99,20 @@ class SharpnessAware(GroupMethod):
         sam = self.sam_for(opt)
         images, labels, groups = batch["image"], batch["label"], self.batch_groups(batch)
 
+        if self._backbone_trains:
+            logits_now = functools.partial(self.logits, images)
+        else:  # a frozen featurizer gives the same features at w and w + ε: encode once
+            logits_now = functools.partial(self.head_logits, self.image_features(images))
+
         # pass 1 at w (BatchNorm running statistics updated)
-        first = self.perturbation_loss(self.per_sample_loss(self.logits(images), labels), groups)
+        first = self.perturbation_loss(self.per_sample_loss(logits_now(), labels), groups)
         opt.zero_grad()
         self.manual_backward(first)
         sam.first_step(zero_grad=True)
 
         # pass 2 at w + ε (BatchNorm running statistics frozen)
         with frozen_bn_stats(self):
-            per_sample = self.per_sample_loss(self.logits(images), labels)
+            per_sample = self.per_sample_loss(logits_now(), labels)
         loss = self.sharpness_loss(per_sample, groups)
         self.manual_backward(loss)
         self.configure_gradient_clipping(opt)
