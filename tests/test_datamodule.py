@@ -117,12 +117,17 @@ def test_cache_images_serves_the_uncached_batches_and_is_reused_in_process(tmp_p
     # a second data module of the same key reuses the tensors; another seed's k-shot does not
     again = _dm(tmp_path, "shapes", cache_images=True, **kw)
     assert again._splits["val"] is cached._splits["val"]
-    other = _dm(tmp_path, "shapes", cache_images=True, **{**kw, "fewshot_seed": 2})
-    assert other._splits["train"] is not cached._splits["train"]
+    other = ClassificationDataModule(
+        "shapes", "shapes", root=str(tmp_path), cache_images=True, **{**kw, "fewshot_seed": 2}
+    )
+    other.set_preprocess(PRE)
+    assert other._cache_key() != cached._cache_key() == again._cache_key()
     # augmented train items are random: transformed on the fly, never cached
-    aug = _dm(tmp_path, "shapes", cache_images=True, **{**kw, "train_augment": True})
+    aug = _dm(
+        tmp_path, "shapes", cache_images=True, **{**kw, "train_augment": True}, test_sets=["test"]
+    )
     assert isinstance(aug._splits["train"], dmod._Transformed)
-    assert isinstance(aug._splits["val"], dmod._Materialized)
+    assert isinstance(aug._splits["test:test"], dmod._Materialized)
     assert len(dmod._SPLIT_CACHE) <= dmod._SPLIT_CACHE_SIZE
 
 
