@@ -291,3 +291,103 @@ def test_split_key_of_a_data_module(tmp_path: Path) -> None:
     )
     assert len(got) == len(ds) == 20 and got.index.tolist() == list(range(20))
     assert got.labels.tolist() == [int(ds[i]["label"]) for i in range(20)]
+
+
+def test_a_data_module_serves_cached_features_as_its_images(tmp_path: Path) -> None:
+    """`configure(features=FeatureSource)`: every split is encoded once into the cache and served
+    as `image` (D,), with the image split's labels; a second data module reuses the files; an
+    augmented train split fails in one line."""
+    from reprolab.data.datamodule import ClassificationDataModule
+    from reprolab.data.feature_cache import FeatureSource
+
+    enc = toy_encoder()
+    calls = {"n": 0}
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return enc(x)
+
+    source = FeatureSource(backbone="toy", pretrained=None, weights="w0", encode=encode)
+
+    def dm(features: bool, **kw) -> ClassificationDataModule:
+        m = ClassificationDataModule(
+            name="shapes",
+            dataset="shapes",
+            root=str(tmp_path),
+            num_shots=2,
+            fewshot_seed=3,
+            train_augment=False,
+            val=False,
+            test_sets=["test"],
+            **kw,
+        )
+        m.configure(
+            preprocess=Preprocess(8, MEAN, STD), **({"features": source} if features else {})
+        )
+        m.setup("fit")
+        return m
+
+    images, feats = dm(False), dm(True)
+    n_calls = calls["n"]
+    assert n_calls > 0
+    for split in ("train", "test:test"):
+        a, b = images._splits[split], feats._splits[split]
+        assert len(a) == len(b)
+        for i in (0, len(a) - 1):
+            with torch.no_grad():
+                want = enc(a[i]["image"][None])[0]
+            torch.testing.assert_close(b[i]["image"], want)
+            assert int(b[i]["label"]) == int(a[i]["label"]) and int(b[i]["index"]) == i
+    assert feats._splits["train"].split.labels == images._splits["train"].split.labels
+    dm(True)
+    assert calls["n"] == n_calls  # the second data module read the files
+    with pytest.raises(ConfigValueError, match="train_augment") as e:
+        m = ClassificationDataModule(
+            name="shapes",
+            dataset="shapes",
+            root=str(tmp_path),
+            num_shots=2,
+            train_augment=True,
+            val=False,
+        )
+        m.configure(preprocess=Preprocess(8, MEAN, STD), features=source)
+        m.setup("fit")
+    assert "\n" not in str(e.value)
+
+
+def test_group_methods_ask_for_features_only_with_a_frozen_featurizer_and_unmixed_inputs() -> None:
+    import functools
+
+    from _group_helpers import Featurizer, toy_info
+
+    from reprolab.data.feature_cache import FeatureSource
+    from reprolab.methods.group.erm import ERM
+    from reprolab.methods.group.mixup import Mixup
+
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    m = ERM(
+        name="erm", model=Featurizer("none"), info=toy_info(4), optimizer=sgd, feature_cache=True
+    )
+    req = m.data_requirements()
+    assert isinstance(req["features"], FeatureSource) and req["features"].backbone == "toy"
+    x = torch.randn(3, 4)
+    assert torch.equal(m.image_features(x), x)  # features in, features out
+    assert (
+        "features"
+        not in ERM(
+            name="erm", model=Featurizer("none"), info=toy_info(4), optimizer=sgd
+        ).data_requirements()
+    )
+    for cls, model, why in (
+        (ERM, Featurizer("image"), "trains its featurizer"),
+        (Mixup, Featurizer("none"), "mixes its inputs"),
+    ):
+        with pytest.raises(ConfigValueError, match=why) as e:
+            cls(
+                name=cls.__name__.lower(),
+                model=model,
+                info=toy_info(4),
+                optimizer=sgd,
+                feature_cache=True,
+            )
+        assert "\n" not in str(e.value)

@@ -17,6 +17,12 @@ so a multirun in one process (the local launcher) builds each split once for all
 splits with deterministic transforms are cached (val and test; train when `train_augment` is off and
 no caption pairs), so the batches are the ones an uncached run sees. It costs the tensors' memory
 (3·H·W floats per item): meant for the in-memory synthetic data, not for full-size datasets.
+
+A method with a frozen image tower may ask for `features=FeatureSource(...)`
+(`reprolab.data.feature_cache`): every split is then encoded once into the persistent feature cache
+under the data root (reused by every later run, seed and method of the same key) and served as
+`image` = the feature vector (D,); an augmented train split cannot be cached and fails in one line.
+The encoding runs at setup, on the CPU.
 """
 
 from __future__ import annotations
@@ -148,6 +154,21 @@ class _Materialized(Dataset):
         return item
 
 
+class _FeatureSplit(Dataset):
+    """Cached features served as `image` (D,), with the image split's labels and groups."""
+
+    def __init__(self, features: Dataset, images: Dataset) -> None:
+        self.features, self.split = features, images.split
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.features[i])
+        item["image"] = item.pop("features")
+        return item
+
+
 # cache_images: materialised splits per key (`ClassificationDataModule._cache_key`), most recent last.
 _SPLIT_CACHE: OrderedDict[tuple, dict[str, Dataset]] = OrderedDict()
 _SPLIT_CACHE_SIZE = 4
@@ -188,7 +209,7 @@ class ClassificationDataModule(TaskDataModule):
     list, per class of that set, of the training-class indices it covers (`project_logits`).
     """
 
-    accepts = ("preprocess", "caption_pairs")
+    accepts = ("preprocess", "caption_pairs", "features")
 
     def __init__(
         self,
@@ -246,6 +267,7 @@ class ClassificationDataModule(TaskDataModule):
         }
         self.preprocess: Preprocess | None = None
         self.caption_pairs = False
+        self.features: Any = None  # a FeatureSource: serve cached features (set_features)
         self._splits: dict[str, Dataset] = {}
         self._shots_checked = False
         self.missing_groups: dict[str, list[int]] = {}  # split -> groups absent from it (setup)
@@ -287,6 +309,11 @@ class ClassificationDataModule(TaskDataModule):
         self.preprocess = preprocess
         self._splits.clear()
 
+    def set_features(self, source: Any) -> None:
+        """Serve the frozen backbone's cached features instead of images (`FeatureSource`)."""
+        self.features = source
+        self._splits.clear()
+
     def set_caption_pairs(self, on: bool) -> None:
         if on and not self.templates:
             raise ValueError(f"data={self.name} has no templates to pair the train images with.")
@@ -304,6 +331,7 @@ class ClassificationDataModule(TaskDataModule):
         if key is not None and key in _SPLIT_CACHE:
             _SPLIT_CACHE.move_to_end(key)
             self._splits = dict(_SPLIT_CACHE[key])
+            self._serve_features()
             self._check_groups()
             log.info("%s: transformed splits reused from this process (cache_images)", self.name)
             return
@@ -325,6 +353,7 @@ class ClassificationDataModule(TaskDataModule):
             self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
         if key is not None:
             self._materialize(key)
+        self._serve_features()
         self._check_groups()
         sizes = {k: len(v) for k, v in self._splits.items()}
         log.info(
@@ -334,6 +363,32 @@ class ClassificationDataModule(TaskDataModule):
             self.num_shots,
             sizes,
         )
+
+    def _serve_features(self) -> None:
+        """With a `FeatureSource`: every split from the persistent feature cache (built once)."""
+        if self.features is None:
+            return
+        from reprolab.data.feature_cache import (
+            FeatureCache,
+            FeatureDataset,
+            encode_split,
+            split_key,
+        )
+
+        src, cache = self.features, FeatureCache(self.root)
+        for split, ds in list(self._splits.items()):
+            if split == "train" and (self.train_augment or self.caption_pairs):
+                raise ConfigValueError(
+                    f"data={self.name}: cached features need a deterministic train split, and "
+                    f"this one is augmented (train_augment={self.train_augment!r}) or paired with "
+                    "captions; set data.train_augment=false or method.feature_cache=false."
+                )
+            key = split_key(self, split, src.backbone, src.pretrained, src.weights)
+
+            def build(ds: Dataset = ds) -> Any:
+                return encode_split(src.encode, ds, src.batch_size)
+
+            self._splits[split] = _FeatureSplit(FeatureDataset(cache.get_or_build(key, build)), ds)
 
     def _cache_key(self) -> tuple:
         """Everything the transformed splits depend on (`cache_images`)."""

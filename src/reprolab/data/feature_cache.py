@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +209,19 @@ class CachedFeatures:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """What a method with a frozen image tower hands its data module so that the data serve cached
+    features (`ClassificationDataModule` requirement `features`): the key parts that name the
+    backbone, and the function that encodes a batch of preprocessed images. (B, D)"""
+
+    backbone: str
+    pretrained: str | None
+    weights: str  # state_fingerprint of the frozen tower
+    encode: Callable[[Tensor], Tensor] = field(compare=False, repr=False)
+    batch_size: int = 250
 
 
 class FeatureDataset(Dataset):

@@ -98,11 +98,16 @@ class GroupMethod(FineTune):
         normalize: L2-normalise the features before the head (None: True iff head_init=zeroshot).
         alignment: log SCER's |s| and c of the featurizer output on the first ID test set
             (`test/scer_abs_s`, `test/scer_c`; needs 2 classes and 4 groups g = 2y + a).
+        feature_cache: with a frozen featurizer, ask the data for its cached features
+            (`reprolab.data.feature_cache`: encoded once, reused by every run of the same key)
+            instead of images; the same numbers, without the featurizer's forward per step.
         **kwargs: see `FineTune` / `FineTuningMethod` (`optimizer`, `scheduler`, `grad_clip`,
             `label_smoothing`, `sigma_min`, `ece_bins`, ...).
     """
 
     requires = ("classnames", "num_groups")
+    #: Mixes the input batch (Mixup, LISA): features cannot stand in for its inputs.
+    mixes_inputs: ClassVar[bool] = False
     #: CLIP-like and MLP backbones: `none` (linear head only) or `image`; timm: False / True.
     trainable_modes: ClassVar[tuple[Any, ...]] = ("none", "image", "image_last", False, True)
 
@@ -112,6 +117,7 @@ class GroupMethod(FineTune):
         head_init: str = "random",
         normalize: bool | None = None,
         alignment: bool = False,
+        feature_cache: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, head_init=head_init, **kwargs)
@@ -140,6 +146,15 @@ class GroupMethod(FineTune):
             )
         self._aligned: list[tuple[Tensor, Tensor]] = []
         self._backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
+        self.feature_cache = bool(feature_cache)
+        if self.feature_cache and (self._backbone_trains or self.mixes_inputs):
+            why = "mixes its inputs" if self.mixes_inputs else "trains its featurizer"
+            raise ConfigValueError(
+                f"method={self.name} {why}, so it cannot train on cached features; set "
+                "method.feature_cache=false"
+                + ("" if self.mixes_inputs else " or model.trainable=none")
+                + "."
+            )
 
     # -- the model ------------------------------------------------------------------------------
     def build_head(self, init: str) -> nn.Linear:
@@ -152,7 +167,22 @@ class GroupMethod(FineTune):
         device = next(self.backbone.parameters(), torch.empty(0)).device  # identity: none
         return nn.Linear(int(dim), len(self.classnames)).to(device)  # PyTorch's default init
 
+    def data_requirements(self) -> dict[str, Any]:
+        out = super().data_requirements()
+        if self.feature_cache:
+            from reprolab.data.feature_cache import FeatureSource, state_fingerprint
+
+            out["features"] = FeatureSource(
+                backbone=str(getattr(self.backbone, "name", type(self.backbone).__name__)),
+                pretrained=getattr(self.backbone, "pretrained", None),
+                weights=state_fingerprint(self.backbone),
+                encode=self.backbone.encode_image,
+            )
+        return out
+
     def image_features(self, images: Tensor) -> Tensor:
+        if self.feature_cache:  # the data serve the frozen featurizer's cached output
+            return images.float()
         if self._backbone_trains:
             return super().image_features(images)
         with torch.no_grad():  # a frozen featurizer: no graph through it

@@ -166,6 +166,8 @@ class LISA(GroupMethod):
         **kwargs: see `GroupMethod`.
     """
 
+    mixes_inputs = True
+
     def __init__(
         self,
         *args: Any,

@@ -58,6 +58,8 @@ class Mixup(GroupMethod):
         **kwargs: see `GroupMethod`.
     """
 
+    mixes_inputs = True
+
     def __init__(self, *args: Any, alpha: float = 0.2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if alpha < 0:
