@@ -45,7 +45,14 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
     assert str(tmp_path) in cfg.paths.run_dir and cfg.cell in cfg.paths.run_dir
 
 
-@pytest.mark.parametrize("name", TABLES)
+#: Tables of those grids, validated in the fast suite by their own tests (test_group_configs,
+#: test_table_schema): composed here with `slow` only.
+SLOW_TABLES = {"scer_main", "asgdro_main", "group_tiny"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TABLES else n for n in TABLES]
+)
 def test_table_composes(name: str, tmp_path: Path) -> None:
     cfg = compose_train([f"table={name}", f"paths.log_dir={tmp_path}"])
     validate_config(cfg)
