@@ -280,7 +280,58 @@ class EpochBatches(Sampler[list[int]]):
             yield order[b * self.batch_size : (b + 1) * self.batch_size]
 
 
-class TabularDataModule(TaskDataModule):
+class RowsDataModule(TaskDataModule):
+    """What the in-memory row data modules share (tables, group vectors, token ids): splits held
+    as `Rows` in `self._splits`, served in whole batches by `EpochBatches` (seeded per epoch, so a
+    resumed run sees the order an uninterrupted one would).
+
+    A subclass sets `batch_size`, `eval_batch_size`, `shuffle_seed`, `num_workers`, `test_sets`
+    and, where it has them, `use_val`, `drop_last` and `sampler` (null, `group_balanced`:
+    rows drawn with replacement with weight 1 / size of their group, or `class_balanced`: the same
+    with classes; read from the train split's `group` / `label` tensors).
+    """
+
+    use_val: bool = True
+    drop_last: bool = True
+    sampler: str | None = None
+
+    def train_weights(self) -> Tensor | None:
+        """Per training row 1 / (rows of its group, or class), or None for a plain shuffle. (N,)"""
+        if self.sampler is None:
+            return None
+        t = self._splits["train"].tensors
+        keys = t["group" if self.sampler == "group_balanced" else "label"]
+        return 1.0 / torch.bincount(keys).double()[keys]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self._splits[split]
+        batches = EpochBatches(
+            len(ds),
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.shuffle_seed,
+            drop_last=train and self.drop_last,
+            weights=self.train_weights() if train else None,
+        )
+        return DataLoader(
+            ds,
+            sampler=batches,
+            batch_size=None,  # the sampler yields whole batches of indices
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", False) if self.use_val else []
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(t, False) for t in self.test_sets]
+
+
+class TabularDataModule(RowsDataModule):
     """Train / val / test splits of one table, encoded for a network; publishes `TabularInfo`.
 
     Args:
@@ -394,29 +445,3 @@ class TabularDataModule(TaskDataModule):
             self.info.num_features,
             {k: len(v) for k, v in self._splits.items()},
         )
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self._splits[split]
-        batches = EpochBatches(
-            len(ds),
-            self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            seed=self.shuffle_seed,
-            drop_last=train,
-        )
-        return DataLoader(
-            ds,
-            sampler=batches,
-            batch_size=None,  # the sampler yields whole batches of indices
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(t, False) for t in self.test_sets]

@@ -82,9 +82,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from reprolab.data.base import TaskDataModule
 from reprolab.data.datasets.text_groups import (
     SPLITS,
     TextGroupSpec,
@@ -95,7 +93,7 @@ from reprolab.data.datasets.text_groups import (
 )
 from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import available, get_spec
-from reprolab.data.tabular import EpochBatches, Rows
+from reprolab.data.tabular import Rows, RowsDataModule
 from reprolab.data.tokens import TokenInput, load_tokenizer
 from reprolab.data.vector_groups import group_counts
 from reprolab.errors import ConfigValueError
@@ -374,7 +372,7 @@ def text_datasets() -> list[str]:
 # The data module
 
 
-class TextGroupDataModule(TaskDataModule):
+class TextGroupDataModule(RowsDataModule):
     """Train / val / test splits of a text group dataset as token ids; publishes an
     `ImageClassificationInfo` (class names, templates, the `test` set, `num_groups`).
 
@@ -659,38 +657,3 @@ class TextGroupDataModule(TaskDataModule):
         self.setup()
         g = self._splits["train"].tensors["group"]
         return torch.bincount(g, minlength=self.num_groups).double()
-
-    def train_weights(self) -> Tensor | None:
-        """Per training row 1 / (rows of its group, or class), or None for a plain shuffle. (N,)"""
-        if self.sampler is None:
-            return None
-        t = self._splits["train"].tensors
-        keys = t["group" if self.sampler == "group_balanced" else "label"]
-        return 1.0 / torch.bincount(keys).double()[keys]
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self._splits[split]
-        batches = EpochBatches(
-            len(ds),
-            self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            seed=self.shuffle_seed,
-            drop_last=train and self.drop_last,
-            weights=self.train_weights() if train else None,
-        )
-        return DataLoader(
-            ds,
-            sampler=batches,
-            batch_size=None,  # the sampler yields whole batches of indices
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", False) if self.use_val else []
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(t, False) for t in self.test_sets]

@@ -53,11 +53,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from reprolab.data.base import TaskDataModule
 from reprolab.data.info import ImageClassificationInfo, TestSet
-from reprolab.data.tabular import EpochBatches, Rows
+from reprolab.data.tabular import Rows, RowsDataModule
 from reprolab.errors import ConfigValueError
 from reprolab.utils.naming import unknown_name
 
@@ -243,7 +241,7 @@ def load_vector_dataset(dataset: str, **kwargs: Any) -> VectorGroupData:
     return VECTOR_DATASETS[dataset](**kwargs)
 
 
-class VectorGroupDataModule(TaskDataModule):
+class VectorGroupDataModule(RowsDataModule):
     """Train / val / test splits of a vector group dataset, held in memory; publishes an
     `ImageClassificationInfo` (class names, templates, test sets, `num_groups`).
 
@@ -350,37 +348,3 @@ class VectorGroupDataModule(TaskDataModule):
             self.data.num_groups,
             {k: len(v) for k, v in self._splits.items()},
         )
-
-    def train_weights(self) -> Tensor | None:
-        """Per training row 1 / (rows of its group, or class), or None for a plain shuffle. (N,)"""
-        if self.sampler is None:
-            return None
-        keys = self.data.splits["train"]["group" if self.sampler == "group_balanced" else "label"]
-        return 1.0 / torch.bincount(keys).double()[keys]
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self._splits[split]
-        batches = EpochBatches(
-            len(ds),
-            self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            seed=self.shuffle_seed,
-            drop_last=train and self.drop_last,
-            weights=self.train_weights() if train else None,
-        )
-        return DataLoader(
-            ds,
-            sampler=batches,
-            batch_size=None,  # the sampler yields whole batches of indices
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", False) if self.use_val else []
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(t, False) for t in self.test_sets]
