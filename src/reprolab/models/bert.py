@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from reprolab.data.tokens import TINY, TokenInput, load_tokenizer
 from reprolab.errors import ConfigValueError
+from reprolab.models.no_text import NoTextTower
 from reprolab.utils.naming import unknown_name
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DROPOUT_KEYS = ("classifier_dropout", "hidden_dropout_prob")
 
 
-class BertFeaturizer(nn.Module):
+class BertFeaturizer(NoTextTower, nn.Module):
     """Token ids (B, L, 3) -> dropout(pooled [CLS]) (B, hidden_size).
 
     Args:
@@ -68,6 +68,8 @@ class BertFeaturizer(nn.Module):
             do not change shapes (`hidden_dropout_prob`, `attention_probs_dropout_prob`).
         vocab_size: embedding rows of a random init (None: the tokenizer's vocabulary size).
     """
+
+    what_it_is = "a BERT featurizer without a CLIP-style text tower"
 
     def __init__(
         self,
@@ -160,10 +162,6 @@ class BertFeaturizer(nn.Module):
         """`[""]` (everything: rebuilt from `cfg.model`) when frozen, `[]` when it trains."""
         return [] if self.trainable else [""]
 
-    @property
-    def text_trainable(self) -> bool:
-        return False
-
     def parts(self) -> dict[str, list[tuple[str, nn.Module]]]:
         """`image`: the BERT encoder (the input tower); `text` and `scale` are empty."""
         return {"image": [("model.", self.model)], "text": [], "scale": []}
@@ -189,31 +187,6 @@ class BertFeaturizer(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.encode_image(images)
-
-    # -- no zero-shot head ----------------------------------------------------------------------
-    def _no_text(self, what: str) -> ConfigValueError:
-        return ConfigValueError(
-            f"model={self.name} is a BERT featurizer without a CLIP-style text tower: it has no "
-            f"{what}, so a zero-shot head cannot apply; start the head at random "
-            "(method.head_init=random for ft / lp_ft and the group methods, method.init=random for "
-            "linear_probe)."
-        )
-
-    @torch.no_grad()
-    def zeroshot_weights(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-        """A NaN placeholder (C, feature_dim): the shape a fresh head needs, no values."""
-        device = next(self.parameters()).device
-        return torch.full((len(classnames), self.feature_dim), float("nan"), device=device)
-
-    @property
-    def logit_scale(self) -> float:
-        raise self._no_text("logit scale")
-
-    def encode_text(self, texts: list[str]) -> Tensor:
-        raise self._no_text("text encoder")
-
-    def logits(self, images: Tensor, weights: Tensor) -> Tensor:
-        raise self._no_text("zero-shot classifier")
 
 
 def _config_fields(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:

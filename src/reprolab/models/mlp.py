@@ -16,13 +16,12 @@ head from it (`FineTune.build_head`, `LinearProbe.setup`); every use of its valu
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from reprolab.data.vector_groups import VectorInput
 from reprolab.errors import ConfigValueError
+from reprolab.models.no_text import NoTextTower
 from reprolab.utils.naming import unknown_name
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ TRAINABLE: tuple[str, ...] = ("none", "image")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
-class MLPFeaturizer(nn.Module):
+class MLPFeaturizer(NoTextTower, nn.Module):
     """x (B, input_dim) -> h (B, feature_dim): Linear, activation, dropout, Linear.
 
     Initialised by PyTorch's default (the runner seeds it with `seed` before building the model).
@@ -48,6 +47,8 @@ class MLPFeaturizer(nn.Module):
         trainable: `image` (trained with the method) or `none` (frozen: eval mode, no gradients,
             out of checkpoints). There is no text tower, so `text` / `both` do not apply.
     """
+
+    what_it_is = "an MLP featurizer without a text tower"
 
     def __init__(
         self,
@@ -117,10 +118,6 @@ class MLPFeaturizer(nn.Module):
         """`[""]` (everything: rebuilt from `cfg.model`) when frozen, `[]` when it trains."""
         return [""] if self.trainable == "none" else []
 
-    @property
-    def text_trainable(self) -> bool:
-        return False
-
     def parts(self) -> dict[str, list[tuple[str, nn.Module]]]:
         """`image`: the MLP; `text` and `scale` are empty (the `CLIPBackbone.parts` layout)."""
         return {"image": [("net.", self.net)], "text": [], "scale": []}
@@ -131,27 +128,3 @@ class MLPFeaturizer(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
-
-    # -- no text tower --------------------------------------------------------------------------
-    def _no_text(self, what: str) -> ConfigValueError:
-        return ConfigValueError(
-            f"model={self.name} is an MLP featurizer without a text tower: it has no {what}, so a "
-            "zero-shot head cannot apply; start the head at random (method.head_init=random for "
-            "ft / lp_ft and the group methods, method.init=random for linear_probe)."
-        )
-
-    @torch.no_grad()
-    def zeroshot_weights(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-        """A NaN placeholder (C, feature_dim): the shape a fresh head needs, no values (no text)."""
-        device = next(self.parameters(), torch.empty(0)).device  # the identity has none
-        return torch.full((len(classnames), self.feature_dim), float("nan"), device=device)
-
-    @property
-    def logit_scale(self) -> float:
-        raise self._no_text("logit scale")
-
-    def encode_text(self, texts: list[str]) -> Tensor:
-        raise self._no_text("text encoder")
-
-    def logits(self, images: Tensor, weights: Tensor) -> Tensor:
-        raise self._no_text("zero-shot classifier")
