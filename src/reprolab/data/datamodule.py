@@ -122,6 +122,26 @@ def _split_labels(ds: Dataset) -> list[int]:
     return list(ds.split.labels)
 
 
+def report_missing_groups(
+    name: str, split: str, groups: Sequence[int], num_groups: int, num_attrs: int = 2
+) -> list[int]:
+    """The groups of [0, num_groups) with no item in `groups`, sorted; logged as a warning when any
+    (worst- and average-group accuracy of that split are then over the groups present)."""
+    missing = sorted(set(range(num_groups)) - set(groups))
+    if missing:
+        log.warning(
+            "%s: split %s has no item of group(s) %s of %d (group = %d*y + a); its worst- and "
+            "average-group accuracy are over the %d groups present",
+            name,
+            split,
+            missing,
+            num_groups,
+            num_attrs,
+            num_groups - len(missing),
+        )
+    return missing
+
+
 class _Transformed(Dataset):
     def __init__(self, split: ImageSplit, transform: Callable[[Any], Any]) -> None:
         self.split, self.transform = split, transform
@@ -430,18 +450,9 @@ class ClassificationDataModule(TaskDataModule):
                         "split has none; use sampler=class_balanced or null."
                     )
                 continue
-            missing = sorted(set(range(k)) - set(groups))
+            missing = report_missing_groups(self.name, split, groups, k)
             if missing:
                 self.missing_groups[split] = missing
-                log.warning(
-                    "%s: split %s has no item of group(s) %s of %d (group = 2*y + a); its worst- and "
-                    "average-group accuracy are over the %d groups present",
-                    self.name,
-                    split,
-                    missing,
-                    k,
-                    k - len(missing),
-                )
 
     def train_sampler(self, ds: Dataset) -> Sampler[int]:
         """The train order: a seeded shuffle, or balanced draws with replacement (`sampler`)."""

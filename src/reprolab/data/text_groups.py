@@ -83,6 +83,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reprolab.data.datamodule import report_missing_groups
 from reprolab.data.datasets.text_groups import (
     SPLITS,
     TextGroupSpec,
@@ -635,22 +636,13 @@ class TextGroupDataModule(RowsDataModule):
     def _check_groups(self) -> None:
         """Log, and record in `missing_groups`, each split that lacks some of the data's groups."""
         self.missing_groups = {}
-        k = self.num_groups
         for split, ds in self._splits.items():
-            present = set(torch.unique(ds.tensors["group"]).tolist())
-            missing = sorted(set(range(k)) - present)
+            present = torch.unique(ds.tensors["group"]).tolist()
+            missing = report_missing_groups(
+                self.name, split, present, self.num_groups, self.num_attrs
+            )
             if missing:
                 self.missing_groups[split] = missing
-                log.warning(
-                    "%s: split %s has no item of group(s) %s of %d (group = %d*y + a); its worst- "
-                    "and average-group accuracy are over the %d groups present",
-                    self.name,
-                    split,
-                    missing,
-                    k,
-                    self.num_attrs,
-                    k - len(missing),
-                )
 
     def train_group_counts(self) -> Tensor:
         """Rows per group in the train split (float64, (G,)); GroupDRO's adjustment, ReWeight."""
