@@ -50,7 +50,9 @@ def toy_info(num_groups: int | None, classes: int = 2) -> ImageClassificationInf
     )
 
 
-def fit_batches(method: L.LightningModule, datamodule: L.LightningDataModule) -> L.Trainer:
+def fit_batches(
+    method: L.LightningModule, datamodule: L.LightningDataModule, callbacks: list | None = None
+) -> L.Trainer:
     """One pass over the data module's batches on the CPU, nothing logged or saved."""
     trainer = L.Trainer(
         max_steps=len(datamodule.batches),
@@ -61,6 +63,7 @@ def fit_batches(method: L.LightningModule, datamodule: L.LightningDataModule) ->
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        callbacks=callbacks,
     )
     trainer.fit(method, datamodule=datamodule)
     return trainer

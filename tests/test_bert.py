@@ -451,18 +451,7 @@ def test_gradient_norm_is_clipped_at_one(clip: float | None) -> None:
     method = _text_method("erm", f"method.grad_clip={'null' if clip is None else clip}")
     norms = _GradNorms()
     dm = TokenBatchData(n_train=3)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[norms],
-    )
-    trainer.fit(method, datamodule=dm)
+    fit_batches(method, dm, callbacks=[norms])
     assert len(norms.after) == 2 and all(n > 5.0 for n in norms.before)
     if clip is None:
         assert norms.after == pytest.approx(norms.before[:2])
