@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from reprolab.errors import ConfigValueError
 from reprolab.methods.finetuning.base import normalized
@@ -230,10 +231,9 @@ class GroupMethod(FineTune):
         """Give the test group metrics the training group counts (`acc_weighted`), when known."""
         super().on_test_start()
         counts = train_group_counts(getattr(self.trainer, "datamodule", None), self.num_groups)
-        for metrics in self.test_metrics:
-            group = metrics["group"] if "group" in getattr(metrics, "keys", lambda: ())() else None
-            if group is not None:
-                group.set_weights(counts)
+        for metrics in self.test_metrics:  # a MetricCollection per id / shift set
+            if isinstance(metrics, MetricCollection) and "group" in metrics:
+                metrics["group"].set_weights(counts)
 
     # -- the alignment diagnostic (alignment=true) ---------------------------------------------
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
