@@ -30,13 +30,27 @@ class Throughput(L.Callback):
     """Samples per second in training and in test, from wall time between stage start and end.
 
     Training time covers the whole fit loop (data loading and validation included), which is what a
-    user waits for; `train_s` and `test_s` are kept so rates can be recomputed.
+    user waits for; `train_s` and `test_s` are kept so rates can be recomputed. The same numbers as
+    EPLKG's efficiency columns (prompting_posthoc.md §0.2), measured identically for every method:
+    `train/sec_per_image` = training wall time / (epochs x training images) (images seen),
+    `test/sec_per_image` likewise, and on CUDA `train/peak_mem_gb` =
+    `torch.cuda.max_memory_allocated` at the end of the first training epoch (the runner resets the
+    peak before fitting; on a CPU there is no per-run allocator peak, so the key is left out).
     """
 
     def __init__(self) -> None:
         self.samples = {"train": 0, "test": 0}
         self.seconds = {"train": 0.0, "test": 0.0}
         self._t0: dict[str, float] = {}
+        self.peak_mem_gb: float | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        if self.peak_mem_gb is None and torch.cuda.is_available():
+            device = pl_module.device
+            if device.type == "cuda":
+                self.peak_mem_gb = round(torch.cuda.max_memory_allocated(device) / 1e9, 4)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0["train"] = time.perf_counter()
@@ -65,6 +79,9 @@ class Throughput(L.Callback):
                     self.samples[stage] / self.seconds[stage], 2
                 )
                 out[f"throughput/{stage}_s"] = round(self.seconds[stage], 3)
+                out[f"{stage}/sec_per_image"] = self.seconds[stage] / self.samples[stage]
+        if self.peak_mem_gb is not None:
+            out["train/peak_mem_gb"] = self.peak_mem_gb
         if queried_images and self.seconds["train"] > 0:
             out["throughput/queried_images_per_s"] = round(
                 queried_images / self.seconds["train"], 2

@@ -22,7 +22,12 @@ A method with a frozen image tower may ask for `features=FeatureSource(...)`
 (`reprolab.data.feature_cache`): every split is then encoded once into the persistent feature cache
 under the data root (reused by every later run, seed and method of the same key) and served as
 `image` = the feature vector (D,); an augmented train split cannot be cached and fails in one line.
-The encoding runs at setup, on the CPU.
+The encoding runs at setup, on this process's GPU when there is one (`encoding_device`).
+
+`subsample_classes` (`reprolab.data.classsplit`): `all` (default), `base` or `new` (CoOp's class
+halves, relabelled), or `base_to_new` (train / val on base classes; the first test set split into
+`base` and `new`, the latter a role-`new` set with its own class names). The subsets are taken last,
+from the full built splits, so cached features and materialised splits are shared by all settings.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reprolab.data.base import TaskDataModule
+from reprolab.data.classsplit import SUBSAMPLE, ClassSubset, base_new_classes
 from reprolab.data.fewshot import check_shots, fewshot_cache_dir, fewshot_splits
 from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.spec import DatasetSpec, ImageSplit, get_spec
@@ -248,6 +254,7 @@ class ClassificationDataModule(TaskDataModule):
         drop_last: bool = True,
         sampler: str | None = None,
         cache_images: bool = False,
+        subsample_classes: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -266,6 +273,13 @@ class ClassificationDataModule(TaskDataModule):
                 "none (num_groups is null); use sampler=class_balanced or null."
             )
         self.sampler = sampler
+        subsample_classes = subsample_classes or "all"
+        if subsample_classes not in SUBSAMPLE:
+            raise ConfigValueError(
+                f"data={name}: subsample_classes must be one of {', '.join(SUBSAMPLE)}, got "
+                f"{subsample_classes!r}."
+            )
+        self.subsample_classes = subsample_classes
         self.spec.check(self.root)
         self.num_shots = num_shots
         self.fewshot_seed = fewshot_seed
@@ -291,10 +305,40 @@ class ClassificationDataModule(TaskDataModule):
         self._splits: dict[str, Dataset] = {}
         self._shots_checked = False
         self.missing_groups: dict[str, list[int]] = {}  # split -> groups absent from it (setup)
+        self._halves: tuple[list[int], list[int]] | None = None
+        if subsample_classes != "all" and len(self.test_sets) > 1 and test_sets is not None:
+            raise ConfigValueError(
+                f"data={name}: subsample_classes={subsample_classes} evaluates the first test set "
+                f"only; set data.test_sets to one set (got {self.test_sets})."
+            )
+
+    def class_halves(self) -> tuple[list[int], list[int]]:
+        """(base, new) label ids of the full label space (`base_new_classes` of the train labels)."""
+        if self._halves is None:
+            self._halves = base_new_classes(self.spec.load(self.root, "train").labels)
+        return self._halves
+
+    @property
+    def train_classes(self) -> list[int]:
+        """Label ids of the full label space that train (and are `info.classnames`), in order."""
+        if self.subsample_classes == "all":
+            return list(range(len(self.spec.classnames)))
+        base, new = self.class_halves()
+        return new if self.subsample_classes == "new" else base
 
     @property
     def classnames(self) -> list[str]:
-        return self.spec.classnames
+        names = self.spec.classnames
+        if self.subsample_classes == "all" or not names:
+            return names
+        return [names[i] for i in self.train_classes]
+
+    @property
+    def eval_test_sets(self) -> list[str]:
+        """Names of the test sets as the method sees them (`base`, `new` for base_to_new)."""
+        if self.subsample_classes == "base_to_new":
+            return ["base", "new"]
+        return list(self.test_sets if self.subsample_classes == "all" else self.test_sets[:1])
 
     @property
     def templates(self) -> list[str]:
@@ -308,11 +352,11 @@ class ClassificationDataModule(TaskDataModule):
     def info(self) -> ImageClassificationInfo:
         roles = self.spec.test_roles()
         groups = self.test_index_groups
-        return ImageClassificationInfo(
-            name=self.name,
-            classnames=tuple(self.classnames),
-            templates=tuple(self.templates),
-            test_sets=tuple(
+        if self.subsample_classes == "base_to_new":
+            new = tuple(self.spec.classnames[i] for i in self.class_halves()[1])
+            test_sets = (TestSet("base", "id"), TestSet("new", "new", classnames=new))
+        else:
+            test_sets = tuple(
                 TestSet(
                     n,
                     roles[n],
@@ -320,8 +364,13 @@ class ClassificationDataModule(TaskDataModule):
                     if groups[n] is None
                     else tuple(tuple(int(i) for i in g) for g in groups[n]),
                 )
-                for n in self.test_sets
-            ),
+                for n in self.eval_test_sets
+            )
+        return ImageClassificationInfo(
+            name=self.name,
+            classnames=tuple(self.classnames),
+            templates=tuple(self.templates),
+            test_sets=test_sets,
             num_groups=self.num_groups,
         )
 
@@ -352,6 +401,7 @@ class ClassificationDataModule(TaskDataModule):
             _SPLIT_CACHE.move_to_end(key)
             self._splits = dict(_SPLIT_CACHE[key])
             self._serve_features()
+            self._subsample()
             self._check_groups()
             log.info("%s: transformed splits reused from this process (cache_images)", self.name)
             return
@@ -369,11 +419,12 @@ class ClassificationDataModule(TaskDataModule):
         if self.use_val:
             val = parts["val"] if real else self.spec.load(self.root, "val")
             self._splits["val"] = _Transformed(val, test_tf)
-        for name in self.test_sets:
+        for name in self.test_sets if self.subsample_classes == "all" else self.test_sets[:1]:
             self._splits[f"test:{name}"] = _Transformed(self.spec.load(self.root, name), test_tf)
         if key is not None:
             self._materialize(key)
         self._serve_features()
+        self._subsample()
         self._check_groups()
         sizes = {k: len(v) for k, v in self._splits.items()}
         log.info(
@@ -392,6 +443,7 @@ class ClassificationDataModule(TaskDataModule):
             FeatureCache,
             FeatureDataset,
             encode_split,
+            encoding_device,
             split_key,
         )
 
@@ -406,9 +458,37 @@ class ClassificationDataModule(TaskDataModule):
             key = split_key(self, split, src.backbone, src.pretrained, src.weights)
 
             def build(ds: Dataset = ds) -> Any:
-                return encode_split(src.encode, ds, src.batch_size)
+                with encoding_device(getattr(src, "module", None)) as device:
+                    return encode_split(src.encode, ds, src.batch_size, device=device)
 
             self._splits[split] = _FeatureSplit(FeatureDataset(cache.get_or_build(key, build)), ds)
+
+    def _subsample(self) -> None:
+        """Restrict the built splits to a class half (`subsample_classes`), relabelled."""
+        if self.subsample_classes == "all":
+            return
+        if self.caption_pairs:
+            raise ConfigValueError(
+                f"data={self.name}: subsample_classes={self.subsample_classes} does not combine "
+                "with caption pairs; set data.subsample_classes=all."
+            )
+        base, new = self.class_halves()
+        keep = new if self.subsample_classes == "new" else base
+        first = f"test:{self.test_sets[0]}"
+        out = {s: ClassSubset(self._splits[s], keep) for s in ("train", "val") if s in self._splits}
+        if self.subsample_classes == "base_to_new":
+            out["test:base"] = ClassSubset(self._splits[first], base)
+            out["test:new"] = ClassSubset(self._splits[first], new)
+        else:
+            out[first] = ClassSubset(self._splits[first], keep)
+        self._splits = out
+        log.info(
+            "%s: subsample_classes=%s: base classes %s, new classes %s",
+            self.name,
+            self.subsample_classes,
+            base if len(base) <= 12 else f"{len(base)} ids",
+            new if len(new) <= 12 else f"{len(new)} ids",
+        )
 
     def _cache_key(self) -> tuple:
         """Everything the transformed splits depend on (`cache_images`)."""
@@ -477,7 +557,7 @@ class ClassificationDataModule(TaskDataModule):
             # error here (before the first step), classes below k are logged as capped. A post-hoc
             # method on a small tree never trains on the subset and is not refused for its k.
             labels = self.spec.load(self.root, "train").labels  # labels only, nothing decoded
-            check_shots(labels, self.num_shots, self.name, "train", self.classnames)
+            check_shots(labels, self.num_shots, self.name, "train", self.spec.classnames)
             self._shots_checked = True
         return self._loader(self._splits["train"], True)
 
@@ -485,4 +565,4 @@ class ClassificationDataModule(TaskDataModule):
         return self._loader(self._splits["val"], False) if self.use_val else []
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._splits[f"test:{n}"], False) for n in self.test_sets]
+        return [self._loader(self._splits[f"test:{n}"], False) for n in self.eval_test_sets]

@@ -23,6 +23,7 @@ wins under concurrency); correctness rests on the key stored in each file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,6 +223,26 @@ class FeatureSource:
     weights: str  # state_fingerprint of the frozen tower
     encode: Callable[[Tensor], Tensor] = field(compare=False, repr=False)
     batch_size: int = 250
+    # The module `encode` runs (the backbone): on a CUDA machine it is moved to the GPU for the
+    # encoding (the data module sets up before Lightning moves the model) and back afterwards.
+    module: nn.Module | None = field(default=None, compare=False, repr=False)
+
+
+@contextlib.contextmanager
+def encoding_device(module: nn.Module | None) -> Iterator[torch.device]:
+    """The device to encode on: this process's GPU when there is one (`module` moved there for the
+    duration, then back to where it was), else the CPU."""
+    if module is None or not torch.cuda.is_available():
+        yield torch.device("cpu")
+        return
+    params = list(module.parameters())
+    home = params[0].device if params else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    module.to(device)
+    try:
+        yield device
+    finally:
+        module.to(home)
 
 
 class FeatureDataset(Dataset):

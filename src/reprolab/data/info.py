@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Literal
 
 from reprolab.errors import ReprolabError
 
-TestRole = Literal["id", "shift", "ood"]
-ROLES: tuple[str, ...] = ("id", "shift", "ood")
+TestRole = Literal["id", "shift", "ood", "new"]
+ROLES: tuple[str, ...] = ("id", "shift", "ood", "new")
 
 
 class TaskInfoError(ReprolabError, ValueError):
@@ -33,19 +33,27 @@ class TestSet:
 
     Args:
         name: split name (`test`, `imagenet_r`, `ood_digits`).
-        role: `id` (the training distribution), `shift` (same label space, shifted inputs) or `ood`
-            (inputs from outside the label space; scored, not classified).
+        role: `id` (the training distribution), `shift` (same label space, shifted inputs), `ood`
+            (inputs from outside the label space; scored, not classified) or `new` (classes unseen in
+            training, classified over the set's own `classnames`: CoCoOp's new classes).
         index_groups: for a test set labelled in a subset of the training classes (ImageNet-A/R,
             ObjectNet), per class of that set the training-class indices whose logits it covers.
+        classnames: a `new` set's class names, in its label order (required for `new`, else None).
     """
 
     name: str
     role: TestRole = "id"
     index_groups: tuple[tuple[int, ...], ...] | None = None
+    classnames: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"test set {self.name}: role '{self.role}' is not one of {ROLES}")
+        if (self.role == "new") != (self.classnames is not None):
+            raise ValueError(
+                f"test set {self.name}: a `new` test set needs its own classnames, and only a `new` "
+                f"set has them (role {self.role!r}, classnames {self.classnames!r})"
+            )
 
 
 @dataclass(frozen=True)

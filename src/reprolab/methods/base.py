@@ -44,7 +44,15 @@ log = logging.getLogger(__name__)
 OptimFactory = Callable[..., torch.optim.Optimizer]
 SchedFactory = Callable[..., Any]
 
-COST_KEYS: tuple[str, ...] = ("params/*", "throughput/*")  # written by the runner for every method
+# Written by the runner for every method: sizes, throughput, and the per-image time and peak memory
+# of EPLKG's efficiency comparison (prompting_posthoc.md §0.2), measured by `callbacks.Throughput`.
+COST_KEYS: tuple[str, ...] = (
+    "params/*",
+    "throughput/*",
+    "train/sec_per_image",
+    "test/sec_per_image",
+    "train/peak_mem_gb",
+)
 
 
 class Method(L.LightningModule):
@@ -210,6 +218,14 @@ class Method(L.LightningModule):
             factory = functools.partial(
                 factory, total_steps=int(self.trainer.estimated_stepping_batches)
             )
+        if isinstance(factory, functools.partial) and (
+            "steps_per_epoch" in factory.keywords and factory.keywords["steps_per_epoch"] is None
+        ):
+            # `steps_per_epoch: null` = optimiser steps per epoch (Dassl's per-epoch schedules).
+            self.trainer.estimated_stepping_batches  # noqa: B018 (sets up the train loader)
+            per_epoch = int(self.trainer.num_training_batches)
+            per_epoch = max(1, per_epoch // max(1, self.trainer.accumulate_grad_batches))
+            factory = functools.partial(factory, steps_per_epoch=per_epoch)
         sched = factory(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -252,6 +268,8 @@ class ClassificationMethod(Method):
     requires = ("classnames",)
     primary_metric = "test/acc"
     train_backbone: bool = False
+    # Can classify a role-`new` test set over its own class names (`new_class_logits`).
+    supports_new_classes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -285,6 +303,14 @@ class ClassificationMethod(Method):
             raise TaskInfoError(f"data={info.name}: every test set is `ood`; one must be `id`.")
         self._id_ref = next((i for i in id_sets if self.test_specs[i].role == "id"), id_sets[0])
         self._has_ood = any(t.role == "ood" for t in self.test_specs)
+        new_sets = [t.name for t in self.test_specs if t.role == "new"]
+        if new_sets and not self.supports_new_classes:
+            raise TaskInfoError(
+                f"method={name} classifies over its training classes only, and data={info.name} "
+                f"has new-class test set(s) {new_sets} (base-to-new); use a method that builds "
+                "a head from class names (zeroshot, coop, cocoop, kgcoop, eplkg, cdesc) or "
+                "data.subsample_classes=base."
+            )
         num_groups = info.num_groups
 
         def collection(k: int) -> MetricCollection:
@@ -301,8 +327,11 @@ class ClassificationMethod(Method):
             return MetricCollection(metrics)
 
         self.val_metrics = collection(c)
+        def size(t: TestSet, g: list | None) -> int:
+            return len(t.classnames) if t.classnames is not None else c if g is None else len(g)
+
         self.test_metrics = nn.ModuleList(
-            ScoreCollector() if t.role == "ood" else collection(c if g is None else len(g))
+            ScoreCollector() if t.role == "ood" else collection(size(t, g))
             for t, g in zip(self.test_specs, self.test_index_groups, strict=True)
         )
         self.id_scores = ScoreCollector()
@@ -314,7 +343,7 @@ class ClassificationMethod(Method):
         ood_keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
         return (
             *super().metric_keys(),
-            *(f"test/{k}" for k in cls_keys),
+            *(f"test/{k}" for k in (*cls_keys, *BASE_NEW_KEYS)),
             *(f"test/*/{k}" for k in (*cls_keys, *ood_keys)),
             *(f"val/{k}" for k in cls_keys),
         )
@@ -337,6 +366,13 @@ class ClassificationMethod(Method):
     def eval_logits(self, images: Tensor) -> Tensor:
         """Logits used for evaluation (methods with train/eval differences override this)."""
         return self.logits(images)
+
+    def new_class_logits(self, images: Tensor, classnames: list[str]) -> Tensor:
+        """Logits over other class names (a role-`new` test set). (B, len(classnames))
+
+        Methods whose head is built from class names (`supports_new_classes`) implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot classify new classes.")
 
     def ood_scores(self, logits: Tensor, images: Tensor) -> Tensor:
         """One score per sample, higher = more in-distribution (post-hoc from logits by default)."""
@@ -379,11 +415,17 @@ class ClassificationMethod(Method):
                 logits = self.eval_logits(batch["image"]).float()
                 metrics.update(self.ood_scores(logits, batch["image"]))
             return
+        spec = self.test_specs[dataloader_idx]
+        raw = None
+        if spec.role == "new":
+            with torch.no_grad():
+                raw = self.new_class_logits(batch["image"], list(spec.classnames or ()))
         self._update(
             metrics,
             batch,
             self.test_index_groups[dataloader_idx],
             collect_scores=self._has_ood and dataloader_idx == self._id_ref,
+            raw=raw,
         )
 
     def on_test_epoch_end(self) -> None:
@@ -403,6 +445,7 @@ class ClassificationMethod(Method):
             metrics.reset()
         self.id_scores.reset()
         out.update(shift_average(out, [t.name for t in self.test_specs if t.role == "shift"]))
+        out.update(base_new_summary(out, self.test_specs))
         self.log_dict(out, add_dataloader_idx=False)
 
 
@@ -424,6 +467,30 @@ def shift_average(values: dict[str, float], shift_sets: list[str]) -> dict[str, 
         if all(v is not None for v in vals):
             out[f"test/{SHIFT_AVERAGE}/{key}"] = float(sum(vals) / len(vals))
     return out
+
+
+BASE_NEW_KEYS: tuple[str, ...] = ("base_acc", "new_acc", "hm")
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """HM = 2BN / (B + N) (CoCoOp's base-to-new summary); 0 when both are 0."""
+    return 0.0 if base + new == 0 else 2.0 * base * new / (base + new)
+
+
+def base_new_summary(values: dict[str, float], test_sets: list[TestSet]) -> dict[str, float]:
+    """`test/base_acc` (the first `id` set), `test/new_acc` (the first `new` set) and `test/hm`.
+
+    Empty without a `new` test set. Per run; a table's average row averages B and N over datasets
+    and takes the HM of those averages (`reprolab.tables.aggregate`), never the mean of HMs.
+    """
+    base = next((t.name for t in test_sets if t.role == "id"), None)
+    new = next((t.name for t in test_sets if t.role == "new"), None)
+    if base is None or new is None:
+        return {}
+    b, n = values.get(f"test/{base}/acc"), values.get(f"test/{new}/acc")
+    if b is None or n is None:
+        return {}
+    return {"test/base_acc": b, "test/new_acc": n, "test/hm": harmonic_mean(b, n)}
 
 
 def _a(noun: str) -> str:

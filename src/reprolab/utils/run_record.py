@@ -51,7 +51,13 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 )
 #: Keys that count only when set: null reads as absent (the fingerprints of runs from before
 #: these keys existed stay what they were).
-NULL_AS_ABSENT_KEYS: tuple[str, ...] = ("trial", "selection", "method.simat")
+NULL_AS_ABSENT_KEYS: tuple[str, ...] = (
+    "trial",
+    "selection",
+    "method.simat",
+    "data.subsample_classes",
+    "method.cache_image_features",
+)
 
 log = logging.getLogger("reprolab")
 

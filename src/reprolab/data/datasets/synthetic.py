@@ -96,7 +96,14 @@ class SyntheticSpec(DatasetSpec):
 
 @dataclass
 class ShapesSpec(SyntheticSpec):
-    """One shape per image on a random background; label = shape."""
+    """One shape per image on a random background; label = shape.
+
+    `clutter` = (lo, hi): every split but `test_clutter` and `ood_digits` also gets lo..hi random
+    line segments (the prompt-learning miniature: hard enough that zero-shot tiny_clip is far from
+    perfect, so learned context has something to gain).
+    """
+
+    clutter: tuple[int, int] | None = None
 
     def load(self, root: Path | None, split: str) -> ImageSplit:
         n = self._size(split)
@@ -105,6 +112,7 @@ class ShapesSpec(SyntheticSpec):
             return self._ood_digits(n, labels)
         w = world.CaptionedWorld(self.seed, self.image_size)
         clutter = split == "test_clutter"
+        lines = self.clutter
         shape_ids = [world.SHAPES.index(c) for c in self.classnames]
 
         def loader(i: int) -> Image.Image:
@@ -119,6 +127,8 @@ class ShapesSpec(SyntheticSpec):
             img, _ = w.render(rng, [obj], bg_kind=bg)
             if clutter:
                 img = world.draw_clutter(rng, img, int(rng.integers(4, 8)))
+            elif lines is not None:
+                img = world.draw_clutter(rng, img, int(rng.integers(lines[0], lines[1] + 1)))
             return Image.fromarray(img)
 
         return ImageSplit(loader, labels)
@@ -138,9 +148,20 @@ class ShapesSpec(SyntheticSpec):
 
 
 @register("shapes")
-def shapes(seed: int = 0, image_size: int = world.IMAGE_SIZE, ood: bool = False) -> ShapesSpec:
+def shapes(
+    seed: int = 0,
+    image_size: int = world.IMAGE_SIZE,
+    ood: bool = False,
+    clutter: list[int] | tuple[int, int] | None = None,
+) -> ShapesSpec:
     """10-way shape classification; test sets `test` (i.i.d.) and `test_clutter` (shifted), and
-    with `ood=True` also `ood_digits` (role `ood`: digit images, outside the label space)."""
+    with `ood=True` also `ood_digits` (role `ood`: digit images, outside the label space).
+    `clutter=[lo, hi]` crosses every train / val / test image with lo..hi line segments."""
+    if clutter is not None:
+        lo, hi = (int(v) for v in clutter)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"shapes: clutter must be [lo, hi] with 0 <= lo <= hi, got {clutter}")
+        clutter = (lo, hi)
     sizes = {"train": 1000, "val": 500, "test": 1000, "test_clutter": 1000}
     test_sets = ["test", "test_clutter"]
     if ood:
@@ -156,6 +177,7 @@ def shapes(seed: int = 0, image_size: int = world.IMAGE_SIZE, ood: bool = False)
         seed=seed,
         image_size=image_size,
         sizes=sizes,
+        clutter=clutter,
     )
 
 

@@ -178,6 +178,7 @@ class GroupMethod(FineTune):
                 pretrained=getattr(self.backbone, "pretrained", None),
                 weights=state_fingerprint(self.backbone),
                 encode=self.backbone.encode_image,
+                module=self.backbone,
             )
         return out
 
