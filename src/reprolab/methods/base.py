@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -210,22 +211,20 @@ class Method(L.LightningModule):
         if self.scheduler_factory is None:
             return opt
         factory = self.scheduler_factory
-        if isinstance(factory, functools.partial) and (
-            "total_steps" in factory.keywords and factory.keywords["total_steps"] is None
-        ):
-            # `total_steps: null` in a scheduler config = the run's length, whatever sets it
-            # (trainer.max_steps, or epochs x batches per epoch).
-            factory = functools.partial(
-                factory, total_steps=int(self.trainer.estimated_stepping_batches)
-            )
-        if isinstance(factory, functools.partial) and (
-            "steps_per_epoch" in factory.keywords and factory.keywords["steps_per_epoch"] is None
-        ):
-            # `steps_per_epoch: null` = optimiser steps per epoch (Dassl's per-epoch schedules).
+        # `null` lengths in a scheduler config are the run's: `total_steps` (trainer.max_steps, or
+        # epochs x batches per epoch) and `steps_per_epoch` (Dassl's per-epoch schedules). Read the
+        # config's keywords once and wrap once (a partial over Hydra's partial does not flatten).
+        keywords = factory.keywords if isinstance(factory, functools.partial) else {}
+        fill: dict[str, int] = {}
+        if "total_steps" in keywords and keywords["total_steps"] is None:
+            fill["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        if "steps_per_epoch" in keywords and keywords["steps_per_epoch"] is None:
             self.trainer.estimated_stepping_batches  # noqa: B018 (sets up the train loader)
             per_epoch = int(self.trainer.num_training_batches)
-            per_epoch = max(1, per_epoch // max(1, self.trainer.accumulate_grad_batches))
-            factory = functools.partial(factory, steps_per_epoch=per_epoch)
+            accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+            fill["steps_per_epoch"] = max(1, math.ceil(per_epoch / accumulate))
+        if fill:
+            factory = functools.partial(factory, **fill)
         sched = factory(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -251,6 +251,67 @@ class CLIPBackbone(nn.Module):
         scale = self.scale() if self.train_logit_scale else self.logit_scale
         return scale * feats @ weights.t()  # (B, C)
 
+    # -- the text tower at the embedding level (prompt learning: CoOp, CoCoOp, KgCoOp) ----------
+    def _clip_text(self) -> nn.Module:
+        """`self.model` when its text tower sits at the top level (open_clip `CLIP`), else raise."""
+        if not isinstance(self.model, open_clip.model.CLIP):
+            raise NotImplementedError(
+                f"model={self.name} ({self.arch}) is an open_clip {type(self.model).__name__}, "
+                "whose text tower prompt learning cannot enter at the token-embedding level; "
+                "supported: "
+                "open_clip CLIP archs (OpenAI / LAION RN50, RN101, ViT-B-32, ViT-B-16, ViT-L-14, "
+                "reprolab-tiny-clip)."
+            )
+        return self.model
+
+    @property
+    def text_width(self) -> int:
+        """Width of the token embeddings (d_tok: 512 for ViT-B/16 and RN50)."""
+        return int(self._clip_text().token_embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        """Number of token positions of a tokenised text (77 for OpenAI CLIP)."""
+        return int(self._clip_text().positional_embedding.shape[0])
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids with SOT/EOT, zero-padded to `context_length`, on the model's device. (N, L)"""
+        self._clip_text()
+        return self.tokenizer(list(texts)).to(self.model.logit_scale.device)
+
+    def token_embedding(self, tokens: Tensor) -> Tensor:
+        """Token embeddings of ids (no positional embedding). (N, L, d_tok)"""
+        return self._clip_text().token_embedding(tokens)
+
+    def encode_text_embeddings(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+        """Text embeddings of token embeddings: `encode_text` after its token lookup. (N, D)
+
+        Adds the positional embedding, runs the text transformer with the model's causal mask,
+        `ln_final`, pools with the model's own pooling (argmax of `tokens` = the EOT position for
+        OpenAI CLIP) and projects; unnormalised. With `embeds = token_embedding(tokens)` it equals
+        `encode_text` on the same texts. Gradients reach `embeds` (the learned context of CoOp)
+        whether or not the tower is frozen.
+
+        Args:
+            embeds: token embeddings, some positions possibly learned vectors. (N, L, d_tok)
+            tokens: the ids the pooling reads (the EOT position). (N, L)
+        """
+        m = self._clip_text()
+        cast = m.transformer.get_cast_dtype()
+        x = embeds.to(cast) + m.positional_embedding.to(cast)  # (N, L, d_tok)
+        # open_clip >= 2.24 takes (N, L, d) whatever its `batch_first` (it transposes inside).
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        # open_clip >= 3 pools on an EOS id for some tokenizers; 2.x has no such argument.
+        eos = {"eos_token_id": m.text_eos_id} if hasattr(m, "text_eos_id") else {}
+        pooled = open_clip.transformer.text_global_pool(x, tokens, m.text_pool_type, **eos)
+        if isinstance(pooled, tuple):  # open_clip 2.x returns (pooled, tokens)
+            pooled = pooled[0]
+        proj = m.text_projection
+        if proj is None:
+            return pooled  # (N, D)
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # (N, D)
+
 
 def _split_parts(model: nn.Module) -> dict[str, list[str]]:
     """open_clip's state by part: `image` (visual tower), `text`, `scale` (logit scale / bias).

@@ -1,4 +1,4 @@
-"""Step-size schedules: the zeroth-order optimisers' gains and the robust fine-tuning `cosine_lr`.
+"""Step-size schedules: zeroth-order gains, the robust fine-tuning `cosine_lr`, Dassl's cosine.
 
 Reproduces the gain sequences of BlackVIP (Oh et al., "BlackVIP: Black-Box Visual Prompting for Robust
 Transfer Learning", CVPR 2023, arXiv 2303.14773) as released in `changdaeoh/BlackVIP`:
@@ -6,6 +6,9 @@ Transfer Learning", CVPR 2023, arXiv 2303.14773) as released in `changdaeoh/Blac
 - SPSA / SPSA-GC gains (spec §3): a_k = a / (k + o)^alpha, c_k = c / k^gamma, k = 1, 2, ...
 - BAR's polynomial decay (spec §4.2): eta_t = (eta0 - eta_min) (1 - min(t, T_d)/T_d)^0.9 + eta_min,
   T_d = 0.9 * total steps, t = 1, 2, ...
+
+`dassl_cosine` is the per-epoch schedule of the CoOp family's Dassl trainers (CoOp, Zhou et al.,
+IJCV 2022, arXiv 2109.01134; prompting_posthoc.md A1.2), expressed per optimiser step.
 """
 
 from __future__ import annotations
@@ -101,6 +104,65 @@ def cosine_lr(
             e = step - warmup_steps
             cos = 0.5 * (1 + math.cos(math.pi * e / (total_steps - warmup_steps)))
             return cos + (min_lr / base if base else 0.0)
+
+        return f
+
+    return LambdaLR(optimizer, [factor(i) for i in range(len(bases))])
+
+
+def dassl_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 1,
+    warmup_lr: float = 1e-5,
+) -> LambdaLR:
+    """Dassl's per-epoch cosine schedule with constant warm-up (CoOp / CoCoOp / KgCoOp), per step.
+
+    Dassl (`dassl/optim/lr_scheduler.py`, `OPTIM.WARMUP_RECOUNT = True`) steps its scheduler once
+    per epoch: epochs e < W train at the constant `warmup_lr`; epoch e >= W trains at
+    base · ½ (1 + cos(π (e − W) / E)), E = `max_epoch` (the warm-up epochs count in E, and the
+    cosine restarts its count after them, so the last epoch's rate is not 0; spec A1.2).
+    Here the rate of optimiser step s is that of its epoch e = s // `steps_per_epoch`, so a
+    `LambdaLR` stepped every optimiser step gives the same rate per epoch. A partial factory in
+    `configs/method/{coop,cocoop,kgcoop}.yaml`: `total_steps: null` and `steps_per_epoch: null` are
+    filled with the run's length and its batches per epoch (`Method.configure_optimizers`).
+
+    Args:
+        optimizer: the optimiser; each group's `lr` is its base rate.
+        total_steps: optimiser steps of the whole run (E = total_steps // steps_per_epoch).
+        steps_per_epoch: optimiser steps per epoch.
+        warmup_epochs: W, epochs at the constant warm-up rate (Dassl `WARMUP_EPOCH`, 1).
+        warmup_lr: the warm-up rate (Dassl `WARMUP_CONS_LR`, 1e-5), the same for every group.
+    """
+    if total_steps is None or steps_per_epoch is None:
+        from reprolab.errors import ConfigValueError
+
+        raise ConfigValueError(
+            f"dassl_cosine got total_steps={total_steps}, steps_per_epoch={steps_per_epoch}: a run "
+            "fills them when a method's configure_optimizers builds the schedule; outside a run "
+            "pass both."
+        )
+    if steps_per_epoch < 1 or total_steps < 1 or warmup_epochs < 0:
+        from reprolab.errors import ConfigValueError
+
+        raise ConfigValueError(
+            f"dassl_cosine needs total_steps >= 1, steps_per_epoch >= 1 and warmup_epochs >= 0 "
+            f"(got {total_steps}, {steps_per_epoch}, {warmup_epochs}); leave "
+            "method.scheduler.total_steps and steps_per_epoch null so the run fills them."
+        )
+    # A run shorter than one epoch (smoke runs with trainer.max_steps) still needs E >= 1.
+    max_epoch = max(1, total_steps // steps_per_epoch)
+    bases = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(i: int) -> Callable[[int], float]:
+        base = bases[i]
+
+        def f(step: int) -> float:
+            e = step // steps_per_epoch
+            if e < warmup_epochs:
+                return warmup_lr / base if base else 0.0
+            return 0.5 * (1 + math.cos(math.pi * (e - warmup_epochs) / max_epoch))
 
         return f
 
