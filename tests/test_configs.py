@@ -19,7 +19,7 @@ EXPERIMENTS = experiment_names(CONFIG_DIR)
 TABLES = sorted(p.stem for p in (CONFIG_DIR / "table").glob("*.yaml"))
 #: Grids whose cells have a config test file of their own (one column in the fast suite) and whose
 #: tables compose every cell in `test_table_composes`: here they run with `slow` only.
-SLOW_GRIDS = {"scer_iclr26", "asgdro_cvpr25", "group_tiny"}
+SLOW_GRIDS = {"scer_iclr26", "asgdro_cvpr25", "group_tiny", "cdesc_wacv25"}
 
 
 def _grid_of(name: str) -> str | None:

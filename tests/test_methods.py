@@ -16,6 +16,11 @@ METHODS = {
     "vp_spsa": [],
     "bar": [],
     "blackvip": TINY_COORDINATOR,
+    "coop": [],
+    "kgcoop": [],
+    "cocoop": [],
+    "cdesc": [],
+    "dclip": [],
 }
 
 
