@@ -21,6 +21,7 @@ METHODS = {
     "cocoop": [],
     "cdesc": [],
     "dclip": [],
+    "eplkg": [],
 }
 
 
