@@ -42,6 +42,7 @@ bench: $(VENV)  ## speed/memory benchmarks (ratios measured in one run)
 	$(OFFLINE) $(PY) scripts/bench_blackvip.py
 	$(OFFLINE) $(PY) scripts/bench_finetune.py
 	$(OFFLINE) $(PY) scripts/bench_feature_cache.py
+	$(OFFLINE) $(PY) scripts/bench_mixdiff.py
 
 data: $(VENV)  ## prepare one dataset: make data D=caltech101 (needs internet)
 	$(PY) scripts/prepare_data.py $(D)

@@ -19,7 +19,14 @@ EXPERIMENTS = experiment_names(CONFIG_DIR)
 TABLES = sorted(p.stem for p in (CONFIG_DIR / "table").glob("*.yaml"))
 #: Grids whose cells have a config test file of their own (one column in the fast suite) and whose
 #: tables compose every cell in `test_table_composes`: here they run with `slow` only.
-SLOW_GRIDS = {"scer_iclr26", "asgdro_cvpr25", "group_tiny", "cdesc_wacv25", "npc_icml22"}
+SLOW_GRIDS = {
+    "scer_iclr26",
+    "asgdro_cvpr25",
+    "group_tiny",
+    "cdesc_wacv25",
+    "npc_icml22",
+    "mixdiff_ecai24",
+}
 
 
 def _grid_of(name: str) -> str | None:
@@ -47,7 +54,18 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
 
 #: Tables of those grids, validated in the fast suite by their own tests (test_group_configs,
 #: test_table_schema): composed here with `slow` only.
-SLOW_TABLES = {"scer_main", "asgdro_main", "group_tiny", "npc_main", "npc_main_classifiers"}
+SLOW_TABLES = {
+    "scer_main",
+    "asgdro_main",
+    "group_tiny",
+    "npc_main",
+    "npc_main_classifiers",
+    *(
+        f"mixdiff_{b}_{m}"
+        for b in ("cifar10", "cifar_plus10", "cifar_plus50", "cifar100", "tinyimagenet")
+        for m in ("auroc", "fpr95")
+    ),
+}
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from reprolab.data.info import ImageClassificationInfo, TaskInfo, TaskInfoError,
 from reprolab.metrics.calibration import BatchAveragedECE
 from reprolab.metrics.classification import BrierScore, NegativeLogLikelihood
 from reprolab.metrics.group import GroupAccuracy
-from reprolab.metrics.ood import ScoreCollector, ood_metrics
+from reprolab.metrics.ood import OOD_KEYS, ScoreCollector, ood_metrics
 from reprolab.metrics.projection import project_logits
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ class ClassificationMethod(Method):
     def metric_keys(cls) -> tuple[str, ...]:
         cls_keys = ("acc", "ece", "ece_batch", "nll", "brier", "worst_group_acc", "avg_group_acc")
         cls_keys += ("acc_weighted", "group*_acc")  # group data: train-weighted, per group
-        ood_keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
+        ood_keys = OOD_KEYS  # auroc, fpr95, fpr95_oodpos (MixDiff's mirror), aupr_in, aupr_out
         return (
             *super().metric_keys(),
             *(f"test/{k}" for k in (*cls_keys, *BASE_NEW_KEYS)),
