@@ -26,6 +26,9 @@ SLOW_GRIDS = {
     "cdesc_wacv25",
     "npc_icml22",
     "mixdiff_ecai24",
+    "coop_b2n",
+    "coop_fewshot",
+    "coop_xd",
 }
 
 
@@ -60,6 +63,13 @@ SLOW_TABLES = {
     "group_tiny",
     "npc_main",
     "npc_main_classifiers",
+    "prompt_b2n_base",
+    "prompt_b2n_new",
+    "prompt_b2n_hm",
+    "prompt_fewshot",
+    "prompt_xd",
+    "prompt_dg",
+    "cdesc_main",
     *(
         f"mixdiff_{b}_{m}"
         for b in ("cifar10", "cifar_plus10", "cifar_plus50", "cifar100", "tinyimagenet")

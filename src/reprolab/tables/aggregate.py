@@ -35,6 +35,15 @@ per cell and seed the chosen trial, its selection value and values, and trials f
 Records with a trial in a cell without selection, or without one in a cell with it, are ignored
 (listed). The csv gains `trials`, `chosen_trials` (`seed:trial;...`) and `incomplete_seeds`.
 
+Average column (`table.average`, see `reprolab.tables.schema`): one more cell per row after the
+table's columns (`AverageCell`): rule `mean`, the mean over the row's columns of the cell means;
+rule `base_new_hm` (CoCoOp's "Average over 11 datasets"), 2·B̄·N̄/(B̄ + N̄) with B̄ the mean over
+the row's columns of the seed-mean `test/base_acc` of the cells' counted records and N̄ likewise of
+`test/new_acc` (each times the column's `col_scale`), never the mean of the per-dataset HMs. It is
+blank unless every column of the row is complete (status ok); the .md's "Average" section says why,
+and gives B̄ and N̄. The csv adds one line per row (after the row's columns) with `col` = the
+average column, `metric` = `<rule>:<keys>`, status `ok` or `incomplete`; the plot adds its bars.
+
 Outputs are deterministic: sorted in the table's row/col order, fixed float formatting, no
 timestamps or absolute paths, so rebuilding from the same runs gives byte-identical files.
 """
@@ -54,7 +63,7 @@ from typing import Any
 
 from reprolab.errors import single_line
 from reprolab.search import format_overrides, format_value
-from reprolab.tables.schema import TableSpec
+from reprolab.tables.schema import BASE_NEW_KEYS, TableSpec
 from reprolab.utils.run_record import FAILED_FILE, METRICS_FILE
 
 #: Directories under a log root that never hold run records (skipped for speed).
@@ -97,6 +106,7 @@ EXTRA_LABELS = {
     "throughput/test_tokens_per_s": "Test tokens/s",
 }
 MISSING = "—"  # an extra key no counted record of the cell has
+NOT_A_CELL = "not a cell of this table (no experiment for it in the table)"
 
 
 class WandbUnavailableError(RuntimeError):
@@ -257,6 +267,32 @@ class SeedSelection:
 
 
 @dataclass
+class AverageCell:
+    """A row's average column (`table.average`); `mean` is None unless the row is complete."""
+
+    row: str
+    col: str  # the average column's name
+    rule: str  # mean | base_new_hm
+    reported: float | None
+    mean: float | None = None
+    base: float | None = None  # base_new_hm: B̄, the mean over columns of the seed-mean base acc
+    new: float | None = None  # base_new_hm: N̄
+    why: list[str] = field(default_factory=list)  # why the cell is blank (incomplete columns)
+    n: int = 0  # seeds per column when complete; else the fewest any column has
+    seeds: list[int] = field(default_factory=list)
+    commits: list[str] = field(default_factory=list)
+    std: None = None  # a mean of seed means: no spread over seeds (plot and grid read `std`)
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.mean is None or self.reported is None else self.mean - self.reported
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.mean is not None else "incomplete"
+
+
+@dataclass
 class TableResult:
     spec: TableSpec
     cells: list[CellResult]  # rows × cols, in display order
@@ -265,6 +301,7 @@ class TableResult:
     extra_columns: list[str] = field(default_factory=list)  # `table.extra_columns`, in order
     runs: list[RunCell] = field(default_factory=list)  # one per experiment, in display order
     selections: list[SeedSelection] = field(default_factory=list)  # per cell and seed, in order
+    averages: list[AverageCell] = field(default_factory=list)  # per row (`table.average`)
 
     @property
     def finished(self) -> list[RunRecord]:
@@ -549,7 +586,7 @@ def aggregate(
             continue
         key = _run_key(rec, by_cell_id)
         if key is None or key not in targets:
-            ignored.append((rec, "not a cell of this table (no experiment for it in the table)"))
+            ignored.append((rec, NOT_A_CELL))
             continue
         if rec.seed is None or rec.seed not in spec.seeds:
             ignored.append((rec, f"seed {rec.seed} is not in table.seeds {spec.seeds}"))
@@ -619,7 +656,64 @@ def aggregate(
         extra_columns=list(spec.extra_columns),
         runs=list(runs.values()),
         selections=selections,
+        averages=_averages(spec, cells),
     )
+
+
+def _incomplete(spec: TableSpec, c: CellResult) -> str | None:
+    """Why a cell keeps its row's average blank (None: complete)."""
+    if c.status == "ok":
+        return None
+    where = spec.label(c.col)
+    if c.experiment is None:
+        return f"{where}: no experiment"
+    parts = []
+    if c.missing:
+        parts.append(f"missing {_seed_list(c.missing)}")
+    if c.failed:
+        parts.append(f"failed {_seed_list(sorted(c.failed))}")
+    if c.incomplete:
+        parts.append(f"{_seed_list(sorted(c.incomplete))} chosen among unfinished trials")
+    return f"{where}: {'; '.join(parts)}"
+
+
+def _averages(spec: TableSpec, cells: dict[tuple[str, str], CellResult]) -> list[AverageCell]:
+    """One AverageCell per row of a table with `table.average` (empty list otherwise)."""
+    avg = spec.average
+    if avg is None:
+        return []
+    out = []
+    for r in spec.rows:
+        row = [cells[(r, c)] for c in avg.cols]
+        cell = AverageCell(
+            row=r, col=avg.col, rule=avg.rule, reported=spec.reported.get((r, avg.col))
+        )
+        cell.n = min(c.n for c in row)
+        cell.why = [w for c in row if (w := _incomplete(spec, c)) is not None]
+        if not cell.why and avg.rule == "base_new_hm":
+            means: dict[str, list[float]] = {k: [] for k in BASE_NEW_KEYS}
+            for c in row:
+                for key in BASE_NEW_KEYS:
+                    vals = []
+                    for seed in sorted(c.values):
+                        value, err = _metric_value(c.records[seed], key, have=False)
+                        if err is not None:
+                            cell.why.append(f"{spec.label(c.col)} seed {seed}: {err}")
+                        else:
+                            vals.append(value * spec.scale_of(c.col))  # type: ignore[operator]
+                    if vals:
+                        means[key].append(statistics.fmean(vals))
+            if not cell.why:
+                b, n = (statistics.fmean(means[k]) for k in BASE_NEW_KEYS)
+                cell.base, cell.new = b, n
+                cell.mean = 0.0 if b + n == 0 else 2.0 * b * n / (b + n)
+        elif not cell.why:
+            cell.mean = statistics.fmean(c.mean for c in row)  # type: ignore[misc]
+        if cell.mean is not None:
+            cell.seeds = sorted(set.intersection(*(set(c.values) for c in row)))
+        cell.commits = sorted({sha for c in row for sha in c.commits})
+        out.append(cell)
+    return out
 
 
 def _checked(rec: RunRecord, targets: list[tuple[tuple[str, str], str]]) -> RunRecord:
@@ -743,6 +837,8 @@ def to_csv(result: TableResult) -> str:
     for sel in result.selections:
         if sel.chosen is not None:
             chosen.setdefault(sel.cell, {})[sel.seed] = sel.chosen
+    averages = {a.row: a for a in result.averages}
+    last_col = spec.cols[-1]
     for c in result.cells:
         d = spec.decimals_of(c.col)
         selection = []
@@ -776,7 +872,43 @@ def to_csv(result: TableResult) -> str:
                 *selection,
             ]
         )
+        if c.col == last_col and c.row in averages:
+            w.writerow(_average_csv_row(spec, averages[c.row], result, selecting))
     return buf.getvalue()
+
+
+def _average_metric(spec: TableSpec) -> str:
+    """The csv's `metric` of an average line: `<rule>:<the keys it reads>`."""
+    assert spec.average is not None
+    keys = ";".join(BASE_NEW_KEYS) if spec.average.rule == "base_new_hm" else str(spec.metric)
+    return f"{spec.average.rule}:{keys}"
+
+
+def _average_csv_row(
+    spec: TableSpec, a: AverageCell, result: TableResult, selecting: bool
+) -> list[Any]:
+    d = spec.decimals
+    return [
+        spec.paper,
+        spec.id,
+        a.row,
+        a.col,
+        "",
+        _average_metric(spec),
+        a.status,
+        a.n,
+        fmt(a.mean, d),
+        "",
+        fmt(a.reported, d),
+        fmt(a.delta, d),
+        _seeds(a.seeds),
+        "",
+        "",
+        "",
+        ";".join(a.commits),
+        *("" for _ in result.extra_columns),
+        *(("", "", "") if selecting else ()),
+    ]
 
 
 def _md_escape(s: str) -> str:
@@ -808,14 +940,69 @@ def _seed_list(seeds: list[int]) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
 
 
-def _grid(spec: TableSpec, cells: dict[tuple[str, str], CellResult], text: Any) -> list[str]:
-    """A rows × cols markdown grid; `text(cell, decimals)` renders one cell."""
+def _grid(
+    spec: TableSpec,
+    cells: dict[tuple[str, str], CellResult],
+    text: Any,
+    averages: dict[str, str] | None = None,
+) -> list[str]:
+    """A rows × cols markdown grid; `text(cell, decimals)` renders one cell; `averages` (row ->
+    text) adds the average column (`table.average`) after the last."""
+    extra = averages is not None and spec.average is not None
     header = [""] + [spec.label(c) for c in spec.cols]
+    header += [spec.label(spec.average.col)] if extra else []  # type: ignore[union-attr]
     out = ["| " + " | ".join(_md_escape(h) for h in header) + " |"]
-    out.append("|:--" + "|--:" * len(spec.cols) + "|")
+    out.append("|:--" + "|--:" * (len(spec.cols) + extra) + "|")
     for r in spec.rows:
         row = [spec.label(r)] + [text(cells[(r, c)], spec.decimals_of(c)) for c in spec.cols]
+        row += [averages.get(r, "")] if extra else []  # type: ignore[union-attr]
         out.append("| " + " | ".join(_md_escape(x) for x in row) + " |")
+    return out
+
+
+def _average_text(a: AverageCell, d: int) -> str:
+    """The average cell: the value (blank when incomplete), the paper's in brackets."""
+    parts = [fmt(a.mean, d)] if a.mean is not None else []
+    if a.reported is not None:
+        parts.append(f"[{fmt(a.reported, d)}]")
+    return " ".join(parts)
+
+
+def _md_average(result: TableResult) -> list[str]:
+    """The "Average" section: the rule, then per row its value (B̄, N̄) or why it is blank."""
+    spec = result.spec
+    if spec.average is None:
+        return []
+    avg, d = spec.average, spec.decimals
+    n = f"{len(avg.cols)} column{'s' if len(avg.cols) != 1 else ''}"
+    if len(avg.cols) < len(spec.cols):
+        n += f" {', '.join(spec.label(c) for c in avg.cols)}"
+    if avg.rule == "base_new_hm":
+        b, nk = BASE_NEW_KEYS
+        rule = (
+            f"2·B̄·N̄/(B̄ + N̄), with B̄ the mean over the {n} of each cell's seed-mean "
+            f"`{b}` and N̄ likewise of `{nk}` (CoCoOp's average row: the HM of the averages, "
+            "not the mean of the per-column HMs)"
+        )
+    else:
+        rule = f"the mean over the {n} of the cells' seed means of `{spec.metric}`"
+    out = [
+        "",
+        "## Average",
+        "",
+        f"Column {spec.label(avg.col)} (`table.average`, rule `{avg.rule}`): {rule}. Blank unless "
+        "every averaged column of the row has all its seeds finished.",
+        "",
+    ]
+    for a in result.averages:
+        if a.mean is None:
+            out.append(f"- {spec.label(a.row)}: blank: {'; '.join(a.why)}")
+        elif a.base is not None and a.new is not None:
+            out.append(
+                f"- {spec.label(a.row)}: {fmt(a.mean, d)} (B̄ {fmt(a.base, d)}, N̄ {fmt(a.new, d)})"
+            )
+        else:
+            out.append(f"- {spec.label(a.row)}: {fmt(a.mean, d)}")
     return out
 
 
@@ -1072,15 +1259,22 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
     cmd = command or f"python scripts/aggregate.py {spec.name}"
     out += ["", f"Generated from {result.source} by `{cmd}`; do not edit by hand.", ""]
 
-    out += _grid(spec, cells, _cell_text)
+    avg_d = spec.decimals
+    averages = {a.row: _average_text(a, avg_d) for a in result.averages} if spec.average else None
+    out += _grid(spec, cells, _cell_text, averages)
     if any(c.incomplete for c in result.cells):
         out += [
             "",
             "`*` = some seed's trial was chosen among unfinished trials (see Model selection).",
         ]
-    if any(c.delta is not None for c in result.cells):
+    deltas = [c.delta for c in result.cells] + [a.delta for a in result.averages]
+    if any(x is not None for x in deltas):
+        avg_deltas = (
+            {a.row: _signed(a.delta, avg_d) for a in result.averages} if spec.average else None
+        )
         out += ["", "Δ = ours − paper:", ""]
-        out += _grid(spec, cells, lambda c, d: _signed(c.delta, d))
+        out += _grid(spec, cells, lambda c, d: _signed(c.delta, d), avg_deltas)
+    out += _md_average(result)
     out += _md_cost(result)
     out += _md_selection(result)
 
@@ -1145,13 +1339,26 @@ def to_markdown(result: TableResult, command: str | None = None) -> str:
         out += [f"- `{r.cell}` seed {r.seed} (`{r.source}`)" for r in unknown]
 
     out += ["", "## Ignored records", ""]
-    if result.ignored:
+    ignored = result.ignored
+    shared: list[RunRecord] = []
+    if spec.output is not None:  # its paper.table is shared: other tables' cells are expected
+        shared = [rec for rec, why in ignored if why == NOT_A_CELL]
+        ignored = [(rec, why) for rec, why in ignored if why != NOT_A_CELL]
+    if ignored:
         out.append("Records of this paper table that were not counted:")
         out.append("")
-        for rec, why in result.ignored:
+        for rec, why in ignored:
             out.append(f"- `{rec.source}` ({rec.status}, seed {rec.seed}): {why}")
     else:
         out.append("None.")
+    if shared:
+        cells = sorted({rec.cell or "" for rec in shared})
+        out += [
+            "",
+            f"Not listed: {len(shared)} record{'s' if len(shared) != 1 else ''} of {len(cells)} "
+            f"cell{'s' if len(cells) != 1 else ''} of paper.table `{spec.id}` that this table does "
+            "not show (other tables read them: `table.output`).",
+        ]
 
     if spec.warnings:
         out += ["", "## Config warnings", ""]
@@ -1175,7 +1382,7 @@ def _mixed_trials(selections: list[SeedSelection]) -> list[tuple[str, dict[str, 
 
 
 def output_paths(spec: TableSpec, out_dir: str | Path) -> dict[str, Path]:
-    base = Path(out_dir) / spec.paper / spec.id
+    base = Path(out_dir) / spec.paper / (spec.output or spec.id)  # `table.output`: same runs
     return {ext: base.with_suffix(f".{ext}") for ext in ("md", "csv", "png")}
 
 

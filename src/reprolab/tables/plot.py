@@ -3,6 +3,7 @@
 A metric-column table (`table.col_metrics`) gets one panel per kind of metric, the last path
 segment of the key (`acc`, `ece`, ...), in the order the columns first use it, so percentages and
 fractions never share an axis. Panels are stacked and share the column spacing of the widest.
+A table with an average column (`table.average`) draws it after the last column (no error bar).
 
 Drawn with the Agg canvas directly (no pyplot state, no display) and saved without the
 `Software` PNG text chunk, so the same results give the same bytes on the same matplotlib.
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 def _panels(spec: TableSpec) -> list[tuple[str, list[str]]]:
     """(y label, columns) per panel: one for a single-metric table, one per kind of metric else."""
     if not spec.metric_columns:
-        return [(str(spec.metric), list(spec.cols))]
+        average = [spec.average.col] if spec.average is not None else []
+        return [(str(spec.metric), list(spec.cols) + average)]
     panels: dict[str, list[str]] = {}
     for c in spec.cols:
         kind = spec.metric_of(c).rsplit("/", 1)[-1]
@@ -35,7 +37,8 @@ def _draw(ax: Any, result: TableResult, cols: list[str], palette: list[str], slo
     """Grouped bars of `cols` (one bar per row) with the paper's numbers as black ticks, on an
     x axis of `slots` column places."""
     spec = result.spec
-    cells = {(c.row, c.col): c for c in result.cells}
+    cells: dict[tuple[str, str], Any] = {(c.row, c.col): c for c in result.cells}
+    cells.update({(a.row, a.col): a for a in result.averages})  # `table.average`, if any
     n_rows, n_cols = len(spec.rows), len(cols)
     width = 0.8 / max(n_rows, 1)
     for i, r in enumerate(spec.rows):

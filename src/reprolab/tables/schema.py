@@ -29,6 +29,26 @@ Either kind may set `col_decimals: {<col>: digits}` (default `decimals`) and `co
 factor}` (the runs' values are multiplied by it before mean, std and Δ; `reported` is written in
 the table's printed units).
 
+A single-metric table whose columns are datasets may add an average column (`table.average:
+{col: average, label: "Average", rule: mean | base_new_hm, cols: [...]}`), shown after the last
+column; `cols` (default: all) are the columns it averages, e.g. the target datasets of a transfer
+table without its source:
+
+- `mean`: per row, the mean over those columns of the cells' seed means.
+- `base_new_hm`: CoCoOp's "Average over 11 datasets" (robustness_ood_prompting.md §0.1): per row,
+  B̄ = the mean over those columns of the seed-mean `test/base_acc`, N̄ likewise of `test/new_acc`,
+  and the average cell is 2·B̄·N̄/(B̄ + N̄), never the mean of the per-dataset HMs. The table's
+  metric must be `test/hm`, and every method must log both keys.
+
+The cell is blank unless every averaged column of the row is complete (every seed finished, no
+failed or missing seed); the aggregated .md says why. `reported` may carry the paper's average
+under the average column's name (`reported: {row: {average: 71.7}}`).
+
+Several tables may read the same runs with different metrics (a base-to-new table's Base, New and
+HM are the same runs, `paper.table` alike): each then sets `output: <stem>`, the file name of its
+aggregated results `results/<paper>/<stem>.{md,csv,png}` (default: `id`), so they do not overwrite
+each other.
+
 Either kind may set `extra_columns: [<metric key>, ...]` (e.g. `[params/trainable,
 throughput/train_samples_per_s]`): cost keys of the run records that the aggregated table reports
 beside the metric (`reprolab.tables.aggregate`). Each must be a key that the method of at least one
@@ -80,8 +100,17 @@ TABLE_KEYS_OPTIONAL: dict[str, Any] = {
     "col_decimals": {},  # {col: digits}, overriding `decimals` for that column
     "col_scale": {},  # {col: factor} applied to the runs' values (e.g. 100: fraction -> percent)
     "extra_columns": [],  # [metric key]: cost keys of the records (csv columns, a .md "Cost" section)
+    "average": None,  # {col, label, rule: mean | base_new_hm, cols}: an average column
+    "output": None,  # results/<paper>/<output>.{md,csv,png}; default: id
 }
 TABLE_KEYS = TABLE_KEYS_REQUIRED + tuple(TABLE_KEYS_OPTIONAL)
+
+#: Rules of `table.average`; `base_new_hm` reads these keys of the records (B and N) and needs the
+#: table's metric to be their harmonic mean.
+AVERAGE_RULES = ("mean", "base_new_hm")
+AVERAGE_KEYS = ("col", "label", "rule", "cols")
+BASE_NEW_KEYS = ("test/base_acc", "test/new_acc")
+HM_METRIC = "test/hm"
 
 #: Sweeper parameters that define a job (its run dir `<cell>[/trial<k>]/seed<n>`); any other swept
 #: key would put several jobs in one run dir. `trial` is optional (a hyperparameter search).
@@ -122,6 +151,16 @@ class ExperimentInfo:
     select: dict[str, str] | None = None  # its `select:` rule {metric, mode} (None: none)
 
 
+@dataclass(frozen=True)
+class AverageSpec:
+    """`table.average`: an extra column, after the table's columns, averaging each row."""
+
+    col: str  # its name in `reported` and in the csv's `col`
+    label: str  # its header in the .md and the plot
+    rule: str  # one of AVERAGE_RULES
+    cols: tuple[str, ...] = ()  # the table columns it averages, in table order
+
+
 @dataclass
 class TableSpec:
     """A validated table config. Row/col order is display order.
@@ -155,6 +194,8 @@ class TableSpec:
     extra_columns: list[str] = field(default_factory=list)  # cost keys of the records, in order
     trials: list[int] = field(default_factory=list)  # swept `trial` values (empty: no search)
     select: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment -> {metric, mode}
+    average: AverageSpec | None = None  # `table.average` (reported numbers: reported[(row, col)])
+    output: str | None = None  # file stem of the aggregated results (None: `id`)
 
     @property
     def metric_columns(self) -> bool:
@@ -184,6 +225,8 @@ class TableSpec:
         return self.col_scale.get(col, 1.0)
 
     def label(self, key: str) -> str:
+        if key not in self.labels and self.average is not None and key == self.average.col:
+            return self.average.label
         return str(self.labels.get(key, key))
 
     @property
@@ -658,6 +701,19 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         else []
     )
     seeds = _as_seed_list(t["seeds"], "table.seeds", errors) if t.get("seeds") is not None else []
+    average = _average(t, cols, metric_columns, t.get("metric") and metric, errors)
+    output = t.get("output")
+    if output is not None and (
+        not isinstance(output, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", output)
+    ):
+        errors.append(
+            f"table.output must be a file stem such as tab1_hm (letters, digits, _ . -), got "
+            f"{output!r}"
+        )
+    # An invalid average block still names its column: its reported numbers are not errors too.
+    raw = t.get("average")
+    raw_col = raw.get("col", "average") if isinstance(raw, dict) else None
+    rep_cols = cols + ([str(raw_col)] if isinstance(raw_col, str) and raw_col not in cols else [])
 
     reported: dict[tuple[str, str], float] = {}
     rep = t.get("reported") or {}
@@ -675,8 +731,8 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
             continue
         for c, v in row_vals.items():
             c = str(c)
-            if cols and c not in cols:
-                errors.append(f"table.reported.{r}: {unknown_name('col', c, cols)}")
+            if cols and c not in rep_cols:
+                errors.append(f"table.reported.{r}: {unknown_name('col', c, rep_cols)}")
             if v is None:
                 continue
             if not _is_number(v):
@@ -770,6 +826,8 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         _check_metric(name, str(metric), infos, config_dir, errors, warnings)
     if extra_columns:
         _check_extra_columns(name, extra_columns, infos, config_dir, errors, warnings)
+    if average is not None and average.rule == "base_new_hm":
+        _check_base_new_keys(name, infos, config_dir, errors, warnings)
     trials = _check_sweeper(cfg, exps, seeds, experiments, errors, warnings)
     select = _check_trials(trials, infos, config_dir, errors, warnings)
 
@@ -800,8 +858,107 @@ def _check(name: str, config_dir: Path) -> tuple[TableSpec | None, list[str], li
         extra_columns=extra_columns,
         trials=trials,
         select=select,
+        average=average,
+        output=output,
     )
     return spec, errors, warnings, path
+
+
+def _average(
+    t: dict[str, Any], cols: list[str], metric_columns: bool, metric: str | None, errors: list[str]
+) -> AverageSpec | None:
+    """`table.average` checked: a mapping {col, label, rule, cols} on a single-metric table."""
+    node = t.get("average")
+    if node is None:
+        return None
+    example = '{col: average, label: "Average", rule: mean | base_new_hm, cols: [...]}'
+    if not isinstance(node, dict):
+        errors.append(f"table.average must be a mapping {example}, got {node!r}")
+        return None
+    n_errors = len(errors)
+    for key in node:
+        if key not in AVERAGE_KEYS:
+            errors.append(
+                f"Unknown key table.average.{key}; allowed: {', '.join(AVERAGE_KEYS)}"
+                f"{did_you_mean(str(key), AVERAGE_KEYS)}"
+            )
+    col, label, rule = node.get("col", "average"), node.get("label", "Average"), node.get("rule")
+    if not isinstance(col, str) or not col.strip():
+        errors.append(f"table.average.col must be a column name such as 'average', got {col!r}")
+    elif col in cols:
+        errors.append(
+            f"table.average.col '{col}' is also in table.cols; the average column is added after "
+            "the table's columns: give it a name of its own"
+        )
+    if not isinstance(label, str):
+        errors.append(f"table.average.label must be a string, got {label!r}")
+    if rule not in AVERAGE_RULES:
+        errors.append(
+            f"table.average.rule must be one of {', '.join(AVERAGE_RULES)}, got {rule!r}"
+            f"{did_you_mean(str(rule), AVERAGE_RULES)}"
+        )
+    if metric_columns:
+        errors.append(
+            "table.average averages the dataset columns of a single-metric table; the columns of "
+            "a metric-column table (table.col_metrics) are different metrics: drop table.average"
+        )
+    elif rule == "base_new_hm" and metric is not None and metric != HM_METRIC:
+        errors.append(
+            f"table.average.rule base_new_hm averages {' and '.join(BASE_NEW_KEYS)} and prints "
+            f"their harmonic mean, so table.metric must be {HM_METRIC} (got {metric}); use rule "
+            "mean for the Base and New tables"
+        )
+    over = node.get("cols")
+    if over is None:
+        over = list(cols)
+    elif not isinstance(over, list) or not over:
+        errors.append(f"table.average.cols must be a non-empty list of table columns, got {over!r}")
+        over = []
+    else:
+        over = [str(c) for c in over]
+        for c in over:
+            if cols and c not in cols:
+                errors.append(f"table.average.cols: {unknown_name('col', c, cols)}")
+        dups = sorted({c for c in over if over.count(c) > 1})
+        if dups:
+            errors.append(f"table.average.cols lists {', '.join(dups)} more than once")
+    if len(errors) > n_errors:
+        return None
+    return AverageSpec(col=col, label=label, rule=rule, cols=tuple(c for c in cols if c in over))
+
+
+def _check_base_new_keys(
+    table: str,
+    infos: list[ExperimentInfo],
+    config_dir: Path,
+    errors: list[str],
+    warnings: list[str],
+) -> None:
+    """Rule base_new_hm reads B and N from the records: every method must log both keys."""
+    from reprolab.utils.config import method_metric_keys, metric_is_logged
+
+    by_method, unchecked = _by_method(infos)
+    missing = []
+    for (method, target), exps in by_method.items():
+        try:
+            lacking = [k for k in BASE_NEW_KEYS if not metric_is_logged(target, k)]
+        except Exception:  # noqa: BLE001 - reported once, by the metric check of the same class
+            continue
+        if lacking:
+            missing.append(
+                f"method={method} ({', '.join(exps)}) does not log {', '.join(lacking)}; it logs "
+                f"{', '.join(method_metric_keys(target))}"
+            )
+    if missing:
+        errors.append(
+            f"table {table}: table.average.rule base_new_hm reads {' and '.join(BASE_NEW_KEYS)} "
+            "of every run; " + "; ".join(missing)
+        )
+    if unchecked:
+        warnings.append(
+            f"table.average (base_new_hm) keys not checked for {', '.join(unchecked)}: their "
+            f"method configs are not under {config_dir}/method"
+        )
 
 
 def _is_decimals(x: Any) -> bool:
@@ -1141,7 +1298,10 @@ def find_table(paper: str, table_id: str, config_dir: str | Path) -> str:
     for name in table_names(config_dir):
         cfg = OmegaConf.load(Path(config_dir) / "table" / f"{name}.yaml")
         t = cfg.get("table") if isinstance(cfg, DictConfig) else None
-        if t is not None and t.get("paper") == paper and str(t.get("id")) == table_id:
+        if t is not None and t.get("paper") == paper and table_id in (
+            str(t.get("output") or t.get("id")),
+            str(t.get("id")) if t.get("output") is None else None,
+        ):
             found.append(name)
     if len(found) != 1:
         have = "none" if not found else ", ".join(found)
