@@ -31,7 +31,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, "INVALID", "", "", "", ""))
             continue
         rows.append(
-            (name, f"{s.paper}/{getattr(s, 'output', None) or s.id}", str(s.n_cells), str(len(s.seeds)), str(s.n_jobs), s.title)
+            (
+                name,
+                f"{s.paper}/{getattr(s, 'output', None) or s.id}",
+                str(s.n_cells),
+                str(len(s.seeds)),
+                str(s.n_jobs),
+                s.title,
+            )
         )
     header = ("table", "paper/id", "cells", "seeds", "runs", "title")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]

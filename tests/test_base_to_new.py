@@ -48,8 +48,13 @@ def test_class_halves_sorted_ceil_and_relabelled() -> None:
 
 def _dm(subsample: str, **kw) -> ClassificationDataModule:
     return ClassificationDataModule(
-        "shapes", "shapes", subsample_classes=subsample, num_shots=4, fewshot_seed=3,
-        train_augment=False, **kw
+        "shapes",
+        "shapes",
+        subsample_classes=subsample,
+        num_shots=4,
+        fewshot_seed=3,
+        train_augment=False,
+        **kw,
     )
 
 
@@ -153,3 +158,57 @@ def test_per_image_time_is_wall_time_over_images_seen() -> None:
     assert "train/peak_mem_gb" not in out  # CPU: no allocator peak to report
     t.peak_mem_gb = 1.25
     assert t.metrics()["train/peak_mem_gb"] == 1.25
+
+
+def test_prompt_methods_and_class_subsets_share_one_feature_cache(tiny_backbone, tmp_path) -> None:
+    """Zero-shot and CoOp ask for the same cached features; a base-to-new run reads the files an
+    all-class run wrote (subsets are taken after the cache), so the tower encodes each split once."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from reprolab.methods.zeroshot import ZeroShot
+
+    def dm(subsample: str) -> ClassificationDataModule:
+        return ClassificationDataModule(
+            "shapes",
+            "shapes",
+            root=str(tmp_path),
+            subsample_classes=subsample,
+            num_shots=2,
+            fewshot_seed=1,
+            train_augment=False,
+            val=False,
+            test_sets=["test"],
+        )
+
+    zs = ZeroShot(
+        name="zeroshot", model=tiny_backbone, info=dm("all").info, cache_image_features=True
+    )
+    coop_cfg = OmegaConf.load("configs/method/coop.yaml")
+    coop = instantiate(coop_cfg, cache_image_features=True, ctx_init="a photo of a")(
+        model=tiny_backbone, info=dm("base_to_new").info
+    )
+    a, b = zs.data_requirements()["features"], coop.data_requirements()["features"]
+    assert a == b  # same key parts: one cache entry for both methods
+    calls = {"n": 0}
+    encode = a.encode
+
+    def counted(x):
+        calls["n"] += 1
+        return encode(x)
+
+    from dataclasses import replace
+
+    source = replace(a, encode=counted)
+    full = dm("all")
+    full.configure(preprocess=tiny_backbone.preprocess, features=source)
+    full.setup("fit")
+    built = calls["n"]
+    assert built > 0
+    b2n = dm("base_to_new")
+    b2n.configure(preprocess=tiny_backbone.preprocess, features=source)
+    b2n.setup("fit")
+    assert calls["n"] == built  # nothing re-encoded
+    assert len(list((tmp_path / "features" / "shapes").glob("*.pt"))) == 2  # train, test
+    item = b2n._splits["test:new"][0]
+    assert item["image"].shape == (128,) and 0 <= int(item["label"]) < 5

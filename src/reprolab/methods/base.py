@@ -326,6 +326,7 @@ class ClassificationMethod(Method):
             return MetricCollection(metrics)
 
         self.val_metrics = collection(c)
+
         def size(t: TestSet, g: list | None) -> int:
             return len(t.classnames) if t.classnames is not None else c if g is None else len(g)
 

@@ -1298,9 +1298,14 @@ def find_table(paper: str, table_id: str, config_dir: str | Path) -> str:
     for name in table_names(config_dir):
         cfg = OmegaConf.load(Path(config_dir) / "table" / f"{name}.yaml")
         t = cfg.get("table") if isinstance(cfg, DictConfig) else None
-        if t is not None and t.get("paper") == paper and table_id in (
-            str(t.get("output") or t.get("id")),
-            str(t.get("id")) if t.get("output") is None else None,
+        if (
+            t is not None
+            and t.get("paper") == paper
+            and table_id
+            in (
+                str(t.get("output") or t.get("id")),
+                str(t.get("id")) if t.get("output") is None else None,
+            )
         ):
             found.append(name)
     if len(found) != 1:
