@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _slow import PAPER_SCALE_TABLES
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
@@ -57,25 +58,7 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
 
 #: Tables of those grids, validated in the fast suite by their own tests (test_group_configs,
 #: test_table_schema): composed here with `slow` only.
-SLOW_TABLES = {
-    "scer_main",
-    "asgdro_main",
-    "group_tiny",
-    "npc_main",
-    "npc_main_classifiers",
-    "prompt_b2n_base",
-    "prompt_b2n_new",
-    "prompt_b2n_hm",
-    "prompt_fewshot",
-    "prompt_xd",
-    "prompt_dg",
-    "cdesc_main",
-    *(
-        f"mixdiff_{b}_{m}"
-        for b in ("cifar10", "cifar_plus10", "cifar_plus50", "cifar100", "tinyimagenet")
-        for m in ("auroc", "fpr95")
-    ),
-}
+SLOW_TABLES = {"scer_main", "asgdro_main", "group_tiny", *PAPER_SCALE_TABLES}
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _slow import PAPER_SCALE_TABLES
 from omegaconf import OmegaConf
 
 from reprolab.tables.hydra_callbacks import ValidateTable
@@ -21,24 +22,6 @@ from reprolab.tables.schema import (
 FIXTURE_CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 REAL_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REAL_TABLES = sorted(p.stem for p in (REAL_CONFIGS / "table").glob("*.yaml"))
-# Paper-scale tables added with the prompt-learning and post-hoc reliability families: validating
-# each takes 10-20 s (hundreds of cells); their own config tests validate them too, also as slow.
-SLOW_REAL_TABLES = {
-    "prompt_b2n_base",
-    "prompt_b2n_new",
-    "prompt_b2n_hm",
-    "prompt_fewshot",
-    "prompt_xd",
-    "prompt_dg",
-    "cdesc_main",
-    "npc_main",
-    "npc_main_classifiers",
-    *(
-        f"mixdiff_{b}_{m}"
-        for b in ("cifar10", "cifar_plus10", "cifar_plus50", "cifar100", "tinyimagenet")
-        for m in ("auroc", "fpr95")
-    ),
-}
 NAME = "fixpaper_tab1"
 
 
@@ -252,7 +235,10 @@ def test_hydra_callback_validates_before_launch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_REAL_TABLES else n for n in REAL_TABLES],
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in PAPER_SCALE_TABLES else n
+        for n in REAL_TABLES
+    ],
 )
 def test_real_table_is_valid(name: str) -> None:
     assert table_errors(name, REAL_CONFIGS) == []

@@ -227,6 +227,18 @@ class FeatureSource:
     # encoding (the data module sets up before Lightning moves the model) and back afterwards.
     module: nn.Module | None = field(default=None, compare=False, repr=False)
 
+    @classmethod
+    def of(cls, backbone: nn.Module) -> FeatureSource:
+        """The source for a frozen backbone with `encode_image` (its `name` and `pretrained`, a
+        fingerprint of its weights); what a method with a frozen image tower asks its data for."""
+        return cls(
+            backbone=str(getattr(backbone, "name", type(backbone).__name__)),
+            pretrained=getattr(backbone, "pretrained", None),
+            weights=state_fingerprint(backbone),
+            encode=backbone.encode_image,  # type: ignore[arg-type]
+            module=backbone,
+        )
+
 
 @contextlib.contextmanager
 def encoding_device(module: nn.Module | None) -> Iterator[torch.device]:

@@ -171,15 +171,9 @@ class GroupMethod(FineTune):
     def data_requirements(self) -> dict[str, Any]:
         out = super().data_requirements()
         if self.feature_cache:
-            from reprolab.data.feature_cache import FeatureSource, state_fingerprint
+            from reprolab.data.feature_cache import FeatureSource
 
-            out["features"] = FeatureSource(
-                backbone=str(getattr(self.backbone, "name", type(self.backbone).__name__)),
-                pretrained=getattr(self.backbone, "pretrained", None),
-                weights=state_fingerprint(self.backbone),
-                encode=self.backbone.encode_image,
-                module=self.backbone,
-            )
+            out["features"] = FeatureSource.of(self.backbone)
         return out
 
     def image_features(self, images: Tensor) -> Tensor:

@@ -48,15 +48,9 @@ class FrozenCLIPMethod(ClassificationMethod):
     def data_requirements(self) -> dict[str, Any]:
         out = super().data_requirements()
         if self.cache_image_features:
-            from reprolab.data.feature_cache import FeatureSource, state_fingerprint
+            from reprolab.data.feature_cache import FeatureSource
 
-            out["features"] = FeatureSource(
-                backbone=str(getattr(self.backbone, "name", type(self.backbone).__name__)),
-                pretrained=getattr(self.backbone, "pretrained", None),
-                weights=state_fingerprint(self.backbone),
-                encode=self.backbone.encode_image,
-                module=self.backbone,
-            )
+            out["features"] = FeatureSource.of(self.backbone)
         return out
 
     def image_features(self, images: Tensor) -> Tensor:
