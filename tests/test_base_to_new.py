@@ -212,3 +212,41 @@ def test_prompt_methods_and_class_subsets_share_one_feature_cache(tiny_backbone,
     assert len(list((tmp_path / "features" / "shapes").glob("*.pt"))) == 2  # train, test
     item = b2n._splits["test:new"][0]
     assert item["image"].shape == (128,) and 0 <= int(item["label"]) < 5
+
+
+def test_prepare_data_builds_the_feature_cache_and_setup_reads_it(tiny_backbone, tmp_path) -> None:
+    """Lightning runs `prepare_data` on local rank 0 only: it encodes; `setup` (every rank) reads."""
+    from dataclasses import replace
+
+    from reprolab.data.feature_cache import FeatureSource
+
+    calls = {"n": 0}
+    src = FeatureSource.of(tiny_backbone)
+    encode = src.encode
+
+    def counted(x):
+        calls["n"] += 1
+        return encode(x)
+
+    def dm() -> ClassificationDataModule:
+        m = ClassificationDataModule(
+            "shapes",
+            "shapes",
+            root=str(tmp_path),
+            num_shots=2,
+            train_augment=False,
+            val=False,
+            test_sets=["test"],
+        )
+        m.configure(preprocess=tiny_backbone.preprocess, features=replace(src, encode=counted))
+        return m
+
+    rank0 = dm()
+    rank0.prepare_data()
+    built = calls["n"]
+    assert built > 0 and len(list((tmp_path / "features" / "shapes").glob("*.pt"))) == 2
+    rank0.setup("fit")  # already built in prepare_data
+    other = dm()
+    other.setup("fit")  # another rank: reads the files
+    assert calls["n"] == built
+    assert torch.equal(other._splits["train"][0]["image"], rank0._splits["train"][0]["image"])

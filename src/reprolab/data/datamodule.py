@@ -22,7 +22,8 @@ A method with a frozen image tower may ask for `features=FeatureSource(...)`
 (`reprolab.data.feature_cache`): every split is then encoded once into the persistent feature cache
 under the data root (reused by every later run, seed and method of the same key) and served as
 `image` = the feature vector (D,); an augmented train split cannot be cached and fails in one line.
-The encoding runs at setup, on this process's GPU when there is one (`encoding_device`).
+The encoding runs in `prepare_data` (local rank 0 under DDP; the other ranks read the files at
+setup), on this process's GPU when there is one (`encoding_device`).
 
 `subsample_classes` (`reprolab.data.classsplit`): `all` (default), `base` or `new` (CoOp's class
 halves, relabelled), or `base_to_new` (train / val on base classes; the first test set split into
@@ -388,6 +389,13 @@ class ClassificationDataModule(TaskDataModule):
             raise ValueError(f"data={self.name} has no templates to pair the train images with.")
         self.caption_pairs = bool(on)
         self._splits.clear()
+
+    def prepare_data(self) -> None:
+        """With cached features: build the splits (and any missing cache file) here. Lightning calls
+        this on local rank 0 only, then waits at a barrier, so under DDP one process encodes and
+        every rank's `setup` reads the files."""
+        if self.features is not None and self.preprocess is not None:
+            self.setup("fit")
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is None:
