@@ -77,7 +77,8 @@ UPSTREAM_NAME = {
     "oxford_pets": "pets",
     "dtd": "dtd",
     "oxford_flowers": "flowers102",
-    "fgvc_aircraft": "fgvcaircraft",
+    "fgvc_aircraft": "fgvcaircraft",  # upstream's 70 families: use fgvc_aircraft_family
+    "fgvc_aircraft_family": "fgvcaircraft",
     "stanford_cars": "cars",
 }
 SIMILAR_N = {"eurosat": 9}  # `params.sh` n_list; 10 elsewhere

@@ -254,29 +254,43 @@ def food101(templates: str = "single") -> SplitFileSpec:
 
 @dataclass
 class AircraftSpec(SplitFileSpec):
-    """FGVC-Aircraft 2013b variants, official train/val/test lists (CoOp reads them directly)."""
+    """FGVC-Aircraft 2013b, official train/val/test lists (CoOp reads them directly).
+
+    `level`: "variant" (the 100 variants, CoOp's task) or "family" (the 70 families that
+    Comparative-CLIP classifies through torchvision's `annotation_level="family"`): class names from
+    `<level>s.txt`, labels from `images_<level>_<split>.txt`, the same images in every split.
+    """
+
+    level: str = "variant"
+
+    def fewshot_dir(self, root: Path | str) -> Path:
+        # the family labels are another task over the same images: a k-shot draw of its own
+        d = super().fewshot_dir(root)
+        return d if self.level == "variant" else d.with_name(f"split_fewshot_{self.level}")
 
     def required(self, root: Path) -> list[Path]:
         d = self.dataset_dir(root)
         return [
             d,
             self.image_base(root),
-            d / "variants.txt",
-            *(d / f"images_variant_{s}.txt" for s in ("train", "val", "test")),
+            d / f"{self.level}s.txt",
+            *(d / f"images_{self.level}_{s}.txt" for s in ("train", "val", "test")),
         ]
 
     def splits(self, root: Path) -> dict[str, list[Item]]:
         d = self.dataset_dir(root)
-        variants = [v.strip() for v in (d / "variants.txt").read_text().splitlines() if v.strip()]
-        if variants != self.classnames:
+        names_file = d / f"{self.level}s.txt"
+        names = [v.strip() for v in names_file.read_text().splitlines() if v.strip()]
+        if names != self.classnames:
+            asset = "classnames.txt" if self.level == "variant" else "families.txt"
             raise sources.CountMismatchError(
-                f"{self.name}: {d / 'variants.txt'} does not match assets/fgvc_aircraft/classnames.txt"
+                f"{self.name}: {names_file} does not match assets/fgvc_aircraft/{asset}"
             )
-        label = {v: i for i, v in enumerate(variants)}
+        label = {v: i for i, v in enumerate(names)}
         out = {}
         for s in ("train", "val", "test"):
             items = []
-            for line in (d / f"images_variant_{s}.txt").read_text().splitlines():
+            for line in (d / f"images_{self.level}_{s}.txt").read_text().splitlines():
                 if line.strip():
                     im, var = line.strip().split(" ", 1)
                     items.append((f"{im}.jpg", label[var], var))
@@ -285,8 +299,14 @@ class AircraftSpec(SplitFileSpec):
 
 
 @register("fgvc_aircraft")
-def fgvc_aircraft(templates: str = "single") -> SplitFileSpec:
-    return _coop(
+def fgvc_aircraft(templates: str = "single", level: str = "variant") -> SplitFileSpec:
+    """`level`: "variant" (100 classes, default) or "family" (70; Comparative-CLIP's task)."""
+    if level not in ("variant", "family"):
+        raise ValueError(
+            f"fgvc_aircraft: level must be 'variant' or 'family', got {level!r}; set "
+            "data.dataset_kwargs.level."
+        )
+    spec = _coop(
         "fgvc_aircraft",
         "fgvc_aircraft",
         "images",
@@ -310,6 +330,11 @@ def fgvc_aircraft(templates: str = "single") -> SplitFileSpec:
         folders=False,
         cls=AircraftSpec,
     )
+    if level == "family":
+        spec.level = level
+        spec.classnames = assets("fgvc_aircraft", "families.txt")
+        spec.source = spec.source.replace("variant splits", "splits, 70 families")
+    return spec
 
 
 @register("sun397")
