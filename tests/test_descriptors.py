@@ -655,10 +655,13 @@ def _offline(*args, **kwargs):
 # -- the paper table ------------------------------------------------------------------------------
 
 ROWS = ["clip", "dclip", "comparative", "comparative_filtered"]
-COLS = {  # col -> (data, k, shot): params.sh k_list / best_shot_list (ViT-B/32)
+COLS = {  # col -> (data, k, shot): params.sh k_list / best_shot_list (ViT-B/32), §7.3's order
     "imagenet": ("imagenet", 10, 64), "imagenet_v2": ("imagenet_v2", 10, 32),
-    "eurosat": ("eurosat", 10, 32), "food": ("food101", 20, 64), "pets": ("oxford_pets", 20, 16),
-    "dtd": ("dtd", 5, 32), "flowers": ("oxford_flowers", 5, 8), "cars": ("stanford_cars", 15, 16),
+    "caltech": ("caltech256", 10, 32), "cifar": ("cifar100", 20, 32), "cub": ("cub", 5, 16),
+    "eurosat": ("eurosat", 10, 32), "places": ("places365", 15, 64),
+    "food": ("food101", 20, 64), "pets": ("oxford_pets", 20, 16),
+    "dtd": ("dtd", 5, 32), "flowers": ("oxford_flowers", 5, 8),
+    "aircraft": ("fgvc_aircraft_family", 15, 8), "cars": ("stanford_cars", 15, 16),
 }  # fmt: skip
 
 
@@ -669,11 +672,21 @@ def test_the_table_validates_with_the_readme_numbers() -> None:
     spec = validate_table("cdesc_main", CONFIG_DIR)
     assert (spec.rows, spec.cols, spec.seeds) == (ROWS, list(COLS), [1, 2, 3, 4, 5])
     assert spec.metric == "test/acc" and spec.warnings == []
-    assert spec.n_cells == 32 and spec.n_jobs == 160
+    assert spec.n_cells == 52 and spec.n_jobs == 260
     assert spec.reported[("clip", "dtd")] == 43.19
     assert spec.reported[("comparative", "pets")] == 87.41
     assert spec.reported[("comparative_filtered", "eurosat")] == 51.08
-    assert len(spec.reported) == 32
+    assert spec.reported[("clip", "caltech")] == 78.39
+    assert spec.reported[("dclip", "cifar")] == 64.94
+    assert spec.reported[("comparative", "places")] == 42.22
+    assert spec.reported[("comparative_filtered", "cub")] == 56.41
+    assert spec.reported[("comparative_filtered", "aircraft")] == 28.61
+    assert len(spec.reported) == 52
+    # each row's README average (§7.3 "Avg") is the mean of the 13 columns
+    avg = {"clip": 57.55, "dclip": 59.05, "comparative": 59.97, "comparative_filtered": 62.37}
+    for row, want in avg.items():
+        got = sum(spec.reported[(row, c)] for c in COLS) / len(COLS)
+        assert got == pytest.approx(want, abs=0.006), row
 
 
 @pytest.mark.parametrize("col", list(COLS))

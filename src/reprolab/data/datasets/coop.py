@@ -258,7 +258,7 @@ class AircraftSpec(SplitFileSpec):
 
     `level`: "variant" (the 100 variants, CoOp's task) or "family" (the 70 families that
     Comparative-CLIP classifies through torchvision's `annotation_level="family"`): class names from
-    `<level>s.txt`, labels from `images_<level>_<split>.txt`, the same images in every split.
+    variants.txt / families.txt, labels from `images_<level>_<split>.txt`, the same images in every split.
     """
 
     level: str = "variant"
@@ -268,18 +268,23 @@ class AircraftSpec(SplitFileSpec):
         d = super().fewshot_dir(root)
         return d if self.level == "variant" else d.with_name(f"split_fewshot_{self.level}")
 
+    def names_file(self, root: Path) -> Path:
+        return self.dataset_dir(root) / (
+            "variants.txt" if self.level == "variant" else "families.txt"
+        )
+
     def required(self, root: Path) -> list[Path]:
         d = self.dataset_dir(root)
         return [
             d,
             self.image_base(root),
-            d / f"{self.level}s.txt",
+            self.names_file(root),
             *(d / f"images_{self.level}_{s}.txt" for s in ("train", "val", "test")),
         ]
 
     def splits(self, root: Path) -> dict[str, list[Item]]:
         d = self.dataset_dir(root)
-        names_file = d / f"{self.level}s.txt"
+        names_file = self.names_file(root)
         names = [v.strip() for v in names_file.read_text().splitlines() if v.strip()]
         if names != self.classnames:
             asset = "classnames.txt" if self.level == "variant" else "families.txt"
