@@ -80,6 +80,14 @@ class EpochSeededSampler(Sampler[int]):
 SAMPLERS = (None, "group_balanced", "class_balanced")
 
 
+def check_sampler(name: str, sampler: str | None) -> None:
+    """A `sampler` value every data module accepts (`SAMPLERS`), else one line naming them."""
+    if sampler not in SAMPLERS:
+        raise ConfigValueError(
+            f"data={name}: sampler must be null, group_balanced or class_balanced, got {sampler!r}."
+        )
+
+
 class WeightedEpochSampler(Sampler[int]):
     """`len(weights)` indices drawn with replacement, index i with probability ∝ weights[i].
 
@@ -263,10 +271,7 @@ class ClassificationDataModule(TaskDataModule):
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.cache_images = bool(cache_images)
         self.root = Path(root) if root else Path("data")
-        if sampler not in SAMPLERS:
-            raise ConfigValueError(
-                f"data={name}: sampler must be null, group_balanced or class_balanced, got {sampler!r}."
-            )
+        check_sampler(name, sampler)
         self.spec: DatasetSpec = get_spec(dataset, **dict(dataset_kwargs or {}))
         if sampler == "group_balanced" and not self.spec.num_groups:
             raise ConfigValueError(

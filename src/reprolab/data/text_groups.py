@@ -83,7 +83,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reprolab.data.datamodule import report_missing_groups
+from reprolab.data.datamodule import check_sampler, report_missing_groups
 from reprolab.data.datasets.text_groups import (
     SPLITS,
     TextGroupSpec,
@@ -102,7 +102,6 @@ from reprolab.utils.naming import unknown_name
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = (None, "group_balanced", "class_balanced")  # as `ClassificationDataModule`'s
 CACHE_VERSION = 1
 TOKENIZE_CHUNK = 8192  # rows per tokenizer call (progress is logged per chunk)
 
@@ -422,11 +421,7 @@ class TextGroupDataModule(RowsDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise ConfigValueError(
-                f"data={name}: sampler must be null, group_balanced or class_balanced, got "
-                f"{sampler!r}."
-            )
+        check_sampler(name, sampler)
         if max_length is not None and int(max_length) < 4:
             raise ConfigValueError(f"data={name}: max_length must be >= 4, got {max_length}.")
         self.name = name

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reprolab.data.datamodule import check_sampler
 from reprolab.data.info import ImageClassificationInfo, TestSet
 from reprolab.data.tabular import Rows, RowsDataModule
 from reprolab.errors import ConfigValueError
@@ -62,7 +63,6 @@ from reprolab.utils.naming import unknown_name
 log = logging.getLogger(__name__)
 
 NUM_GROUPS = 4  # (y, a) in {0, 1}^2, g = 2y + a
-SAMPLERS = (None, "group_balanced", "class_balanced")  # as `ClassificationDataModule`'s
 CORE_DIM = 2
 CLASSNAMES = ("negative", "positive")
 # Fine-tuning methods require templates from their data; there is no text tower to read them.
@@ -282,11 +282,7 @@ class VectorGroupDataModule(RowsDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise ConfigValueError(
-                f"data={name}: sampler must be null, group_balanced or class_balanced, got "
-                f"{sampler!r}."
-            )
+        check_sampler(name, sampler)
         self.name = name
         self.dataset = dataset
         self.data = load_vector_dataset(dataset, **dict(dataset_kwargs or {}))
