@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from reprolab.data.datasets._common import LocalSpec, Step, assets
+from reprolab.data.datasets.osr import cifar_classnames, read_cifar
 from reprolab.data.sources import Item
 from reprolab.data.spec import ImageSplit, malformed, regenerate_fix, register
 
@@ -129,12 +130,17 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """A CIFAR-10 python batch: `data` (N, 3072) uint8 in C·H·W order, `labels`."""
+    """A CIFAR-10 python batch: `data` (N, 3072) uint8 in C·H·W order, `labels`; and, beside it,
+    the `batches.meta` with the label names (as torchvision's download has)."""
     images = np.asarray(images, dtype=np.uint8)  # (N, 32, 32, 3)
     data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump({"data": data, "labels": [int(v) for v in labels]}, f)
+    meta = path.parent / "batches.meta"
+    if not meta.exists():
+        with open(meta, "wb") as f:
+            pickle.dump({"label_names": cifar_classnames("cifar10")}, f)
 
 
 class ArrayImages:
@@ -182,7 +188,10 @@ class ArraySpec(LocalSpec):
         return out
 
     def required(self, root: Path) -> list[Path]:
-        return [p for s in ("train", "test") for p in self._files(root, s)]
+        files = [p for s in ("train", "test") for p in self._files(root, s)]
+        if self.kind == "cifar10":  # the label names `read_cifar` checks against the assets
+            files.append(Path(root) / self.raw_dir / "batches.meta")
+        return files
 
     def arrays(self, root: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(images (N, H, W[, 3]) uint8, labels (N,) int64) of `train` or `test`, cached per root."""
@@ -193,20 +202,10 @@ class ArraySpec(LocalSpec):
         if key not in self._cache:
             self.check(root)
             files = self._files(root, split)
-            if self.kind == "cifar10":
-                xs, ys = [], []
-                for f in files:
-                    with open(f, "rb") as fh:
-                        try:
-                            batch = pickle.load(fh, encoding="latin1")
-                        except Exception as err:  # noqa: BLE001 - any unpickling failure
-                            raise malformed(
-                                f, f"is not a CIFAR-10 batch ({err})", regenerate_fix(self.name)
-                            ) from None
-                    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                    xs.append(data.transpose(0, 2, 3, 1))
-                    ys.append(np.asarray(batch["labels"], dtype=np.int64))
-                images, labels = np.concatenate(xs), np.concatenate(ys)
+            if self.kind == "cifar10":  # torchvision's pickles, read as the OSR specs read them
+                images, labels = read_cifar(
+                    root / self.folder, "cifar10", split == "train", self.name
+                )
             else:
                 images, labels = read_idx(files[0]), read_idx(files[1]).astype(np.int64)
             if len(images) != len(labels):
