@@ -159,7 +159,7 @@ class CIFAR100Spec(_TrainTestSpec):
             return super().load(root, split)  # the one-line error
         self.check(Path(root))
         images, labels = read_cifar(root, "cifar100", split == "train", self.name)
-        return ImageSplit(ArrayLoader(images, range(len(labels))), labels.tolist())
+        return ImageSplit(ArrayLoader(images), labels.tolist())
 
     def split_labels(self, root: Path | str) -> dict[str, list[int]]:
         return {s: self.load(root, s).labels for s in SPLITS}

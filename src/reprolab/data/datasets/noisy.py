@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from reprolab.data.datasets._common import LocalSpec, Step, assets
-from reprolab.data.datasets.osr import cifar_classnames, read_cifar
+from reprolab.data.datasets.osr import ArrayLoader, cifar_classnames, read_cifar
 from reprolab.data.sources import Item
 from reprolab.data.spec import ImageSplit, malformed, regenerate_fix, register
 
@@ -143,16 +142,6 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> Non
             pickle.dump({"label_names": cifar_classnames("cifar10")}, f)
 
 
-class ArrayImages:
-    """Picklable `index -> PIL RGB` over a uint8 array (N, H, W) or (N, H, W, 3)."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
-
-    def __call__(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i]).convert("RGB")
-
-
 @dataclass
 class ArraySpec(LocalSpec):
     """MNIST / Fashion-MNIST / CIFAR-10 in torchvision's download layout, read into arrays.
@@ -219,7 +208,7 @@ class ArraySpec(LocalSpec):
 
     def load(self, root: Path | str, split: str) -> ImageSplit:
         images, labels = self.arrays(root, split)
-        return ImageSplit(ArrayImages(images), labels)
+        return ImageSplit(ArrayLoader(images), labels)
 
     def split_labels(self, root: Path | str) -> dict[str, list[int]]:
         return {s: self.arrays(root, s)[1].tolist() for s in ("train", "test")}

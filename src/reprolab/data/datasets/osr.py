@@ -198,14 +198,15 @@ def read_cifar(
 
 
 class ArrayLoader:
-    """Picklable `index -> PIL RGB` over rows `indices` of an (N, H, W, 3) uint8 array."""
+    """Picklable `index -> PIL RGB` over rows `indices` (default: all, in order) of a uint8 array
+    (N, H, W, 3), or (N, H, W) grey images (MNIST), converted to RGB."""
 
-    def __init__(self, images: np.ndarray, indices: Sequence[int]) -> None:
+    def __init__(self, images: np.ndarray, indices: Sequence[int] | None = None) -> None:
         self.images = images
-        self.indices = np.asarray(indices, np.int64)
+        self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, np.int64)
 
     def __call__(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[self.indices[i]], "RGB")
+        return Image.fromarray(self.images[self.indices[i]]).convert("RGB")
 
 
 def _select(
