@@ -130,10 +130,12 @@ class PromptSelector(nn.Module):
             features = features + self.feature_noise * torch.randn_like(features)
         return F.normalize(features, dim=-1)
 
-    def scores(self, v_hat: Tensor, bank: Tensor, mask: Tensor) -> Tensor:
-        """s_{c,j} = W_q v̂ · W_k t_{c,j} + mask_{c,j}. (B, C, J)"""
+    def scores(
+        self, v_hat: Tensor, bank: Tensor, mask: Tensor, keys: Tensor | None = None
+    ) -> Tensor:
+        """s_{c,j} = W_q v̂ · W_k t_{c,j} + mask_{c,j}; `keys` = W_k t precomputed. (B, C, J)"""
         q = self.w_q(v_hat)  # (B, D)
-        k = self.w_k(bank)  # (C, J, D)
+        k = self.w_k(bank) if keys is None else keys  # (C, J, D)
         c, j, d = k.shape
         return (q @ k.reshape(c * j, d).t()).view(-1, c, j) + mask
 
@@ -161,6 +163,7 @@ class PromptSelector(nn.Module):
         zs_weights: Tensor,
         tau: float,
         sample: bool | None = None,
+        projected: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Similarities α·v̂·ẑ_c + v̂·w_c^ZS, before the logit scale. (B, C)
 
@@ -171,16 +174,26 @@ class PromptSelector(nn.Module):
             zs_weights: w^ZS. (C, D)
             tau: Gumbel-softmax temperature.
             sample: draw the selection (straight-through Gumbel); default: in training mode.
+            projected: (W_k t, W_v t) of this bank, computed once (`project`) when the maps are
+                fixed (evaluation); None: projected here.
         """
+        keys, values = (None, None) if projected is None else projected  # (C, J, D) each
+        # Training keeps upstream's order of random draws: feature noise, W_q / W_k dropout, the
+        # Gumbel draw, then W_v dropout.
         v_hat = self.image_query(features)  # (B, D)
         weights = self.select(
-            self.scores(v_hat, bank, mask), tau, self.training if sample is None else sample
+            self.scores(v_hat, bank, mask, keys), tau, self.training if sample is None else sample
         )  # (B, C, J)
-        values = self.w_v(bank)  # (C, J, D)
+        if values is None:
+            values = self.w_v(bank)
         z = torch.einsum("bcj,cjd->bcd", weights, values)
         z_hat = F.normalize(z, dim=-1)  # (B, C, D)
         selected = torch.einsum("bd,bcd->bc", v_hat, z_hat)
         return self.alpha * selected + v_hat @ zs_weights.t()  # (B, C)
+
+    def project(self, bank: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys W_k t and values W_v t of every bank prompt. (C, J, D) each"""
+        return self.w_k(bank), self.w_v(bank)
 
     @torch.no_grad()
     def selected_indices(self, features: Tensor, bank: Tensor, mask: Tensor) -> Tensor:
@@ -280,6 +293,8 @@ class EPLKG(FrozenCLIPMethod):
         }
         self._text_banks: dict[tuple[str, ...], PromptBank] = {}
         self._encoded: dict[tuple[str, ...], tuple[Tensor, Tensor, Tensor]] = {}
+        # In an eval loop the maps are fixed: each class list's keys / values are projected once.
+        self._eval_kv: dict[tuple[str, ...], tuple[Tensor, Tensor]] | None = None
         # Read every bank the run will use now: a missing file or class fails before any GPU work.
         for names in [self.classnames, *(t.classnames for t in self.test_specs if t.classnames)]:
             self.prompt_bank(list(names))
@@ -361,8 +376,31 @@ class EPLKG(FrozenCLIPMethod):
     def class_logits(self, features: Tensor, classnames: list[str]) -> Tensor:
         bank, mask, zs = self.bank_tensors(list(classnames))
         sample = self.training or self.eval_selection == "sample"
-        sims = self.selector(features.to(bank.device), bank, mask, zs, self.tau(), sample=sample)
+        projected = None
+        if self._eval_kv is not None and not self.selector.training:
+            key = tuple(classnames)
+            if key not in self._eval_kv:
+                with torch.no_grad():
+                    self._eval_kv[key] = self.selector.project(bank)
+            projected = self._eval_kv[key]
+        sims = self.selector(
+            features.to(bank.device), bank, mask, zs, self.tau(), sample=sample, projected=projected
+        )
         return self.backbone.logit_scale * sims  # (B, C)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_kv = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_kv = None
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_kv = {}
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._eval_kv = None
 
     def selected_prompts(self, features: Tensor, classnames: list[str]) -> Tensor:
         """Index (into each class's bank) of the prompt the eval-mode selector picks. (B, C)"""
